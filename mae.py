@@ -1,0 +1,270 @@
+"""
+A small Vision Transformer, and MAE on top of it. Every method in this repository builds on this file.
+
+MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", 2021. https://arxiv.org/abs/2111.06377
+Parameter names follow timm's VisionTransformer and the official MAE checkpoints, so an encoder trained here
+loads into timm.create_model('vit_base_patch16_224', ...) and an official MAE checkpoint loads here.
+
+The interface between a method and train.py (MAE, MR-MAE, MCMAE and dBOT all implement it):
+
+    model = Method.from_args(args)       # nn.Module holding exactly what the optimizer trains;
+                                         # model.num_patches = L, the number of maskable tokens
+    teacher = model.build_teacher(args)  # frozen nn.Module mapping images to targets, or None (MAE)
+    loss, pred, mask = model(imgs, mask_ratio, noise=None, targets=None)
+        imgs:    (B, 3, H, W) images, normalised with the ImageNet mean/std
+        targets: teacher(imgs) for the same images (train.py computes it without grad), or None
+        loss:    scalar to minimise;  pred: (B, L, C) per-token predictions;  mask: (B, L), 1 = hidden
+    rows, caption = model.visualize(imgs, pred, mask, targets)
+        rows: list of (B, 3, H, W) images in [0, 1], one figure row each; caption: how to read them
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath
+
+VIT_SIZES = {
+    'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
+    'vit_base': dict(embed_dim=768, depth=12, num_heads=12),
+    'vit_large': dict(embed_dim=1024, depth=24, num_heads=16),
+    'vit_huge': dict(embed_dim=1280, depth=32, num_heads=16),  # the paper uses patch 14 for huge
+}
+
+
+def sincos_pos_embed(dim, grid_h, grid_w):
+    """Fixed 2-D sin-cos position code with a zero row for the cls slot: (1, 1 + grid_h*grid_w, dim).
+    The first half of the channels encodes the column, the second half the row (the official MAE layout)."""
+    assert dim % 4 == 0, f'sin-cos position embedding needs a width divisible by 4, got {dim}'
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing='ij')
+
+    def encode(pos):  # (N,) -> (N, dim/2)
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([encode(cols), encode(rows)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float().unsqueeze(0)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, embed_dim, in_chans=3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, imgs):
+        return self.proj(imgs).flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads), flash/efficient kernels on GPU
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path_rates(max_rate, depth):
+    """Stochastic depth grows linearly from 0 at the first block to max_rate at the last."""
+    return [max_rate * i / max(1, depth - 1) for i in range(depth)]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ViT(nn.Module):
+    """The encoder: patch embedding + fixed position code, a learned cls token, pre-norm blocks, final norm."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 drop_path=0.0):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f'image size {img_size} is not divisible by patch size {patch_size}')
+        self.patch_size = patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid_size), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rate)
+                                    for rate in drop_path_rates(drop_path, depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def initialize_weights(self):
+        """MAE's init: xavier-uniform Linear layers (zero bias) and patch projection (as a Linear), N(0, 0.02)
+        tokens, LayerNorm 1/0. Calling it again re-draws every learned weight (dBOT re-initialises students)."""
+        self.patch_embed.proj.reset_parameters()  # default conv bias, as in the official code
+        weight = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        for name, param in self.named_parameters():
+            if name.endswith('token'):
+                nn.init.normal_(param, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward_features(self, imgs):
+        """All tokens of the unmasked image through the encoder: (B, 1 + L, D), cls first (timm's layout)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def encoder_state_dict(state_dict):
+    """The encoder's part of a method's state dict: it loads into ViT here and into timm's VisionTransformer."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(('decoder_', 'mask_token'))}
+
+
+class MAE(ViT):
+    """Masked autoencoder (MAE §3): encode a random 25% of the patches, reconstruct the rest's pixels."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512,
+                 decoder_depth=8, decoder_heads=16, mlp_ratio=4.0, norm_pix_loss=True, drop_path=0.0, pred_dim=None):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path)
+        self.norm_pix_loss = norm_pix_loss
+        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_dim, *self.grid_size), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio, rate)
+                                            for rate in drop_path_rates(drop_path, decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        # Per-token output: the p*p*3 pixels of a patch for MAE; subclasses predict features instead (dBOT).
+        self.decoder_pred = nn.Linear(decoder_dim, pred_dim or patch_size ** 2 * 3)
+        self.initialize_weights()
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(img_size=args.img_size, patch_size=args.patch_size, **VIT_SIZES[args.model],
+                   decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
+                   norm_pix_loss=args.norm_pix_loss, drop_path=args.drop_path)
+
+    def build_teacher(self, args):
+        return None  # MAE's target is the image itself
+
+    def patchify(self, imgs):
+        """(B, 3, H, W) -> (B, L, p*p*3), channel last inside a patch."""
+        p, (h, w) = self.patch_size, self.grid_size
+        x = imgs.reshape(imgs.shape[0], 3, h, p, w, p)
+        return torch.einsum('nchpwq->nhwpqc', x).reshape(imgs.shape[0], h * w, p * p * 3)
+
+    def unpatchify(self, x):
+        """(B, L, p*p*3) -> (B, 3, H, W)."""
+        p, (h, w) = self.patch_size, self.grid_size
+        x = x.reshape(x.shape[0], h, w, p, p, 3)
+        return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], 3, h * p, w * p)
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """Keep a random K = int(L * (1 - mask_ratio)) tokens per sample: those with the smallest noise.
+        x: (B, L, D) -> x_visible (B, K, D), mask (B, L) with 1 = hidden, ids_restore (B, L)."""
+        B, L, D = x.shape
+        len_keep = int(L * (1 - mask_ratio))
+        if noise is None:
+            noise = torch.rand(B, L, device=x.device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+        mask = torch.ones(B, L, device=x.device)
+        mask[:, :len_keep] = 0
+        return x_visible, torch.gather(mask, 1, ids_restore), ids_restore
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """Visible tokens only (MAE §3, "MAE encoder"): (B, 1 + K, D) after the final norm."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        """Visible tokens plus one shared mask token per hidden patch, back in image order (MAE §3, "MAE
+        decoder"): (B, 1 + K, D) -> (B, 1 + L, pred_dim), the cls slot included (dBOT predicts it too)."""
+        x = self.decoder_embed(x)
+        B, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def pixel_targets(self, imgs):
+        """Patch pixels, each patch standardised by its own mean and variance with norm_pix_loss (MAE §4)."""
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    def forward_loss(self, imgs, pred, mask):
+        """Mean squared error per patch, averaged over the hidden patches only (MAE §3, "Reconstruction
+        target")."""
+        loss = ((pred - self.pixel_targets(imgs)) ** 2).mean(dim=-1)
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, targets=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)[:, 1:]  # the cls slot has no pixels to predict
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    @torch.no_grad()
+    def visualize(self, imgs, pred, mask, targets=None):
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:  # predictions are in per-patch standard units: undo with the original's stats
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        visible = target * (1 - mask.unsqueeze(-1))
+        rows = [imgs, self.unpatchify(visible), self.unpatchify(pred),
+                self.unpatchify(visible + pred * mask.unsqueeze(-1))]
+        caption = 'original | masked | reconstruction | reconstruction + visible patches'
+        if self.norm_pix_loss:
+            caption += " (each predicted patch shown with the mean/std of the original patch)"
+        return [denormalize(row) for row in rows], caption
+
+
+def denormalize(imgs):
+    """ImageNet-normalised images -> [0, 1] for display."""
+    mean = imgs.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = imgs.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    return (imgs.float() * std + mean).clamp(0, 1)

@@ -1,0 +1,405 @@
+"""
+The one pre-training loop for every method in this repository.
+
+    python train.py --data cifar10                                   # one process, GPU if there is one, else CPU
+    torchrun --nproc_per_node 8 train.py --model vit_base ...         # DDP on one node (NCCL on GPU, gloo on CPU)
+
+The defaults are the papers' optimisation recipe (AdamW betas 0.9/0.95, weight decay 0.05, blr 1.5e-4, norm-pix
+loss, warmup then half-cosine) on a small model and data set that trains in well under an hour on one GPU:
+ViT-Tiny, patch 4, on 32 px CIFAR-10 with a 128-wide, 4-deep decoder. README gives the ImageNet flags.
+A method plugs in through the small interface documented at the top of mae.py.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import datasets, transforms
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+import mae
+
+METHODS = {'mae': mae.MAE}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Masked image pre-training', add_help=True)
+    parser.add_argument('--method', default='mae', choices=sorted(METHODS))
+    # data
+    parser.add_argument('--data', default='cifar10',
+                        help='cifar10, cifar100, or a folder: an ImageFolder root with train/ (and val/), '
+                             'or a folder of class sub-folders')
+    parser.add_argument('--data_dir', default='./data', help='where cifar10/cifar100 are downloaded to')
+    parser.add_argument('--num_workers', default=min(8, os.cpu_count()), type=int)
+    # model
+    parser.add_argument('--model', default='vit_tiny', choices=sorted(mae.VIT_SIZES))
+    parser.add_argument('--img_size', default=32, type=int)
+    parser.add_argument('--patch_size', default=4, type=int)
+    parser.add_argument('--decoder_dim', default=128, type=int, help='paper (ImageNet): 512')
+    parser.add_argument('--decoder_depth', default=4, type=int, help='paper (ImageNet): 8')
+    parser.add_argument('--decoder_heads', default=4, type=int, help='paper (ImageNet): 16')
+    parser.add_argument('--mask_ratio', default=0.75, type=float)
+    parser.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction)
+    parser.add_argument('--drop_path', default=0.0, type=float)
+    # optimisation
+    parser.add_argument('--epochs', default=200, type=int)
+    parser.add_argument('--warmup_epochs', default=10, type=int)
+    parser.add_argument('--batch_size', default=256, type=int, help='per process')
+    parser.add_argument('--accum_iter', default=1, type=int, help='micro-batches per optimizer step')
+    parser.add_argument('--blr', default=1.5e-4, type=float, help='lr = blr * effective batch / 256')
+    parser.add_argument('--lr', default=None, type=float, help='absolute lr; overrides --blr')
+    parser.add_argument('--weight_decay', default=0.05, type=float)
+    parser.add_argument('--clip_grad', default=None, type=float, help='max gradient norm (none by default)')
+    parser.add_argument('--seed', default=0, type=int)
+    # system and output
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--output_dir', default='./output')
+    parser.add_argument('--resume', default='', help='checkpoint to resume from '
+                        '(default: OUTPUT_DIR/checkpoint-last.pth when it exists)')
+    parser.add_argument('--log_every', default=50, type=int, help='steps between progress updates (host syncs)')
+    parser.add_argument('--vis_every', default=10, type=int, help='epochs between reconstruction PNGs')
+    return parser
+
+
+def fail(message):
+    """Bad input ends the run with one line naming the problem, not a traceback."""
+    raise SystemExit(f'error: {message}')
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` is a world of one.
+
+def init_distributed(device_name):
+    """-> (rank, world_size, device). NCCL for GPUs, gloo for CPUs."""
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device(device_name)
+    rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+    if device_name.startswith('cuda'):
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group('nccl', device_id=device)
+    else:
+        device = torch.device('cpu')
+        dist.init_process_group('gloo')
+    return rank, dist.get_world_size(), device
+
+
+def all_reduce_mean(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Data
+
+def pretrain_transform(img_size):
+    """MAE §A.1: RandomResizedCrop (scale 0.2-1, bicubic) and horizontal flip are the only augmentations."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def eval_transform(img_size):
+    return transforms.Compose([
+        transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def build_dataset(args, split, transform):
+    """The `split` ('train' or 'val') of --data, or None when a folder has no such split. Images load as RGB
+    (torchvision's default loader converts greyscale JPEGs)."""
+    if args.data in ('cifar10', 'cifar100'):
+        cifar = datasets.CIFAR10 if args.data == 'cifar10' else datasets.CIFAR100
+        try:
+            return cifar(args.data_dir, train=split == 'train', transform=transform, download=True)
+        except OSError as e:  # URLError is an OSError: no network, or the server refused
+            fail(f'could not download {args.data} into {args.data_dir} ({e}). Without a network, put the '
+                 f'extracted python version of the data set (https://www.cs.toronto.edu/~kriz/cifar.html) '
+                 f'into {args.data_dir}, or pass --data FOLDER')
+    root = Path(args.data)
+    if not root.is_dir():
+        fail(f'--data {root}: no such folder (expected cifar10, cifar100, or an ImageFolder root)')
+    folder = root / split
+    if not folder.is_dir():
+        if split != 'train':
+            return None
+        folder = root  # a plain folder of class sub-folders
+    try:
+        return datasets.ImageFolder(folder, transform=transform)
+    except (FileNotFoundError, OSError) as e:
+        fail(f'--data {root}: no images found in {folder} ({e})')
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Optimisation
+
+def param_groups(model, weight_decay):
+    """Weight decay on weight matrices and conv kernels only: not on biases, norms or the cls/mask tokens
+    (the official MAE code does decay the tokens; either is fine per the paper)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.endswith('token') else decay).append(param)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def lr_at(step, total_steps, warmup_steps, peak_lr):
+    """Linear warmup, then half-cosine to zero, updated every optimizer step (MAE §A.1)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Checkpoints, logs, figures
+
+def save_checkpoint(state, path):
+    """Write to a temp file, fsync, then rename: a kill during the save leaves the previous file intact."""
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, foreign or missing: one line, whatever torch raised
+        fail(f'cannot read checkpoint {path}: {e}')
+
+
+def truncate_log(log_path, next_epoch):
+    """Keep the rows of the epochs a resumed run will not repeat."""
+    if log_path.exists():
+        rows = [line for line in log_path.read_text().splitlines() if json.loads(line)['epoch'] < next_epoch]
+        log_path.write_text(''.join(row + '\n' for row in rows))
+
+
+def save_figure(rows, caption, path, min_size=128):
+    """Rows of images in [0, 1] as one PNG grid, upscaled to at least min_size px, with a caption underneath."""
+    imgs = torch.cat(rows).float().cpu()
+    scale = max(1, math.ceil(min_size / imgs.shape[-1]))
+    imgs = F.interpolate(imgs, scale_factor=scale, mode='nearest')
+    grid = make_grid(imgs, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
+    grid = (grid.permute(1, 2, 0) * 255).round().byte().numpy()
+    figure = Image.new('RGB', (grid.shape[1], grid.shape[0] + 24), 'white')
+    figure.paste(Image.fromarray(grid), (0, 0))
+    ImageDraw.Draw(figure).text((4, grid.shape[0] + 6), caption, fill='black')
+    figure.save(path)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Speed accounting (MFU on GPU)
+
+def flops_per_image(model, teacher, args, device):
+    """Training FLOPs of one image: the model's forward and backward plus the teacher's forward, as counted by
+    torch.utils.flop_counter on a batch of two."""
+    imgs = torch.randn(2, 3, args.img_size, args.img_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        targets = teacher(imgs) if teacher is not None else None
+        loss, _, _ = model(imgs, args.mask_ratio, targets=targets)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / imgs.shape[0]
+
+
+def measured_peak_flops(device, n=8192, reps=20):
+    """What this card's bf16 matmul really reaches: the honest denominator for MFU."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+def validate_args(args):
+    if args.img_size % args.patch_size:
+        fail(f'--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}')
+    if not 0 < args.mask_ratio < 1:
+        fail(f'--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1')
+    if args.epochs < 1 or args.warmup_epochs < 0 or args.batch_size < 1 or args.accum_iter < 1:
+        fail('--epochs, --batch_size and --accum_iter must be positive and --warmup_epochs non-negative')
+
+
+def main(args):
+    validate_args(args)
+    rank, world_size, device = init_distributed(args.device)
+    is_main = rank == 0
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / '.write_test').touch()
+        (out / '.write_test').unlink()
+    except OSError as e:
+        fail(f'--output_dir {out} is not writable ({e})')
+
+    # bf16 autocast on GPU (no loss scaler needed, unlike fp16, which NaNs in long MAE runs); fp32 on CPU.
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    # Download on rank 0 first so that ranks do not race on the same files.
+    if not is_main:
+        barrier()
+    dataset = build_dataset(args, 'train', pretrain_transform(args.img_size))
+    vis_dataset = build_dataset(args, 'train', eval_transform(args.img_size))
+    if is_main:
+        barrier()
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == 'cuda', drop_last=True)
+    steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        fail(f'{len(dataset)} images are too few for {world_size} process(es) x --batch_size {args.batch_size} '
+             f'x --accum_iter {args.accum_iter}')
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = METHODS[args.method].from_args(args).to(device)
+    teacher = model.build_teacher(args)
+    raw_model = model
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    peak_lr = args.lr or args.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak_lr, betas=(0.9, 0.95),
+                                  fused=device.type == 'cuda')
+
+    start_epoch = 0
+    resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
+    if args.resume or resume.exists():
+        ckpt = load_checkpoint(resume)
+        raw_model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start_epoch = ckpt['epoch']
+        if is_main:
+            print(f'resumed from {resume} at epoch {start_epoch}')
+            truncate_log(out / 'log.jsonl', start_epoch)
+    if start_epoch >= args.epochs:
+        if is_main:
+            print(f'nothing to do: {resume} has already trained {start_epoch} of {args.epochs} epochs')
+        return
+
+    mfu_denominator = None
+    if device.type == 'cuda':
+        mfu_denominator = measured_peak_flops(device) / flops_per_image(model, teacher, args, device)
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    # A fixed batch and fixed masks, so that the PNGs of successive epochs are comparable.
+    vis_ids = torch.linspace(0, len(vis_dataset) - 1, 8).long().tolist()
+    vis_imgs = torch.stack([vis_dataset[i][0] for i in vis_ids]).to(device)
+    vis_noise = torch.rand(len(vis_ids), raw_model.num_patches, generator=torch.Generator().manual_seed(0))
+
+    if is_main:
+        n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print(f'{args.method} {args.model}: {n_params / 1e6:.1f}M trainable parameters; {len(dataset)} images; '
+              f'{world_size} process(es) on {device}; effective batch {eff_batch}; peak lr {peak_lr:.3g}')
+
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    for epoch in range(start_epoch, args.epochs):
+        # Every (epoch, rank) has its own RNG stream derived from --seed, so a resumed run draws the same masks and
+        # augmentations as an uninterrupted one without storing RNG state (data loader workers are seeded from it).
+        torch.manual_seed(hash((args.seed, epoch, rank)))
+        sampler.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        last_log_step, last_log_time, epoch_start = 0, time.perf_counter(), time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch}', disable=not is_main, dynamic_ncols=True)
+        batches = iter(loader)
+        for step in range(steps_per_epoch):
+            lr = lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            for micro in range(args.accum_iter):
+                imgs = next(batches)[0].to(device, non_blocking=True)
+                with torch.inference_mode(), autocast:
+                    targets = teacher(imgs) if teacher is not None else None
+                last_micro = micro == args.accum_iter - 1
+                # DDP all-reduces gradients only on the last micro-batch of an accumulation step.
+                sync = nullcontext() if world_size == 1 or last_micro else model.no_sync()
+                with sync, autocast:
+                    loss, _, _ = model(imgs, args.mask_ratio, targets=targets)
+                with sync:
+                    (loss / args.accum_iter).backward()
+                loss_sum += loss.detach()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update()
+
+            if (step + 1) % args.log_every == 0 and is_main:  # the only host sync in the loop
+                now = time.perf_counter()
+                img_per_s = (step + 1 - last_log_step) * eff_batch / (now - last_log_time)
+                mean_loss = loss_sum.item() / ((step + 1) * args.accum_iter)
+                postfix = dict(loss=f'{mean_loss:.4f}', lr=f'{lr:.2e}', img_s=f'{img_per_s:.0f}')
+                if mfu_denominator:
+                    postfix['mfu'] = f'{img_per_s / world_size / mfu_denominator:.1%}'
+                bar.set_postfix(postfix)
+                last_log_step, last_log_time = step + 1, now
+        bar.close()
+
+        epoch_loss = all_reduce_mean(loss_sum / (steps_per_epoch * args.accum_iter)).item()
+        img_per_s = steps_per_epoch * eff_batch / (time.perf_counter() - epoch_start)
+        row = dict(epoch=epoch, stage=0, loss=epoch_loss, lr=lr, img_per_s=round(img_per_s, 1))
+        if mfu_denominator:
+            row['mfu'] = round(img_per_s / world_size / mfu_denominator, 4)
+        if not math.isfinite(epoch_loss):  # every rank sees the same all-reduced value, so all stop together
+            fail(f'loss is {epoch_loss} in epoch {epoch}; the last good checkpoint is {out / "checkpoint-last.pth"}')
+        if is_main:
+            if (epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs:
+                raw_model.eval()
+                with torch.no_grad(), autocast:
+                    targets = teacher(vis_imgs) if teacher is not None else None
+                    _, pred, mask = raw_model(vis_imgs, args.mask_ratio, vis_noise.to(device), targets)
+                    rows, caption = raw_model.visualize(vis_imgs, pred, mask, targets)
+                save_figure(rows, caption, out / f'vis-epoch{epoch:04d}.png')
+            with open(out / 'log.jsonl', 'a') as f:
+                f.write(json.dumps(row) + '\n')
+            save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                                 args=vars(args)), out / 'checkpoint-last.pth')
+            tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+        barrier()
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -264,8 +265,7 @@ def main(args):
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / '.write_test').touch()
-        (out / '.write_test').unlink()
+        tempfile.TemporaryFile(dir=out).close()  # every rank checks, so that all of them stop with the message
     except OSError as e:
         fail(f'--output_dir {out} is not writable ({e})')
 

@@ -9,14 +9,19 @@ The interface between a method and train.py (MAE, MR-MAE, MCMAE and dBOT all imp
 
     model = Method.from_args(args)       # nn.Module holding exactly what the optimizer trains;
                                          # model.num_patches = L, the number of maskable tokens
-    teacher = model.build_teacher(args)  # frozen nn.Module mapping images to targets, or None (MAE)
+    teacher = model.build_teacher(args, state=None)  # frozen nn.Module mapping images to targets, or None (MAE);
+                                         # state: what model.teacher_state(teacher) returned, when resuming
     loss, pred, mask = model(imgs, mask_ratio, noise=None, targets=None)
         imgs:    (B, 3, H, W) images, normalised with the ImageNet mean/std
         targets: teacher(imgs) for the same images (train.py computes it without grad), or None
         loss:    scalar to minimise;  pred: (B, L, C) per-token predictions;  mask: (B, L), 1 = hidden
     rows, caption = model.visualize(imgs, pred, mask, targets)
         rows: list of (B, 3, H, W) images in [0, 1], one figure row each; caption: how to read them
+    Method.default_stages                # 1, except dBOT, which also implements
+    teacher = model.next_stage(teacher)  # at a stage boundary: the new teacher; the student re-initialises itself
 """
+
+import argparse
 
 import torch
 import torch.nn as nn
@@ -112,7 +117,7 @@ class ViT(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f'image size {img_size} is not divisible by patch size {patch_size}')
-        self.patch_size = patch_size
+        self.img_size, self.patch_size, self.num_heads = img_size, patch_size, num_heads
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
@@ -139,19 +144,80 @@ class ViT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward_features(self, imgs):
-        """All tokens of the unmasked image through the encoder: (B, 1 + L, D), cls first (timm's layout)."""
+    def forward_blocks(self, imgs):
+        """All tokens of the unmasked image after the last block, before the final norm: (B, 1 + L, D)."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return x
+
+    def forward_features(self, imgs):
+        """(B, 1 + L, D) after the final norm, cls first: what timm's forward_features returns."""
+        return self.norm(self.forward_blocks(imgs))
+
+
+ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.')
 
 
 def encoder_state_dict(state_dict):
     """The encoder's part of a method's state dict: it loads into ViT here and into timm's VisionTransformer."""
-    return {k: v for k, v in state_dict.items() if not k.startswith(('decoder_', 'mask_token'))}
+    return {k: v for k, v in state_dict.items() if k.startswith(ENCODER_KEYS)}
+
+
+def read_encoder_state_dict(path):
+    """The ViT encoder weights in a checkpoint file of any layout met in practice: ours (train.py checkpoints,
+    dBOT teacher files), official MAE ({'model': ...}), timm and DINO state dicts (flat), DINO training
+    checkpoints ({'teacher': ...} with 'module.backbone.' prefixes). Raises ValueError naming the problem."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f'{path}: no such file') from None
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
+    for key in ('model', 'teacher', 'state_dict'):
+        if isinstance(checkpoint, dict) and key in checkpoint:
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'{path}: holds no state dict')
+    state = {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in checkpoint.items()}
+    if 'patch_embed.proj.weight' not in state:
+        raise ValueError(f'{path}: not a ViT encoder (no patch_embed.proj.weight among its keys)')
+    return encoder_state_dict(state)
+
+
+def resize_pos_embed(pos_embed, grid_size):
+    """Bicubic resampling of a (1, 1 + N, D) position embedding from its square grid to grid_size, e.g. for a
+    teacher trained at 224 px used on 64 px images (MAE fine-tuning does the same at a new resolution)."""
+    n = pos_embed.shape[1] - 1
+    if n == grid_size[0] * grid_size[1]:
+        return pos_embed
+    side = int(n ** 0.5)
+    patches = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=grid_size, mode='bicubic', align_corners=False)
+    return torch.cat([pos_embed[:, :1], patches.flatten(2).transpose(1, 2).to(pos_embed.dtype)], dim=1)
+
+
+def build_vit(state_dict, img_size, vit_class=ViT, num_heads=None):
+    """A ViT with the architecture that state_dict implies (width, depth, patch and MLP size; the heads, which
+    weights cannot tell, from num_heads or else the standard size of that width), holding those weights."""
+    weight = state_dict['patch_embed.proj.weight']  # (D, 3, p, p)
+    embed_dim, patch_size = weight.shape[0], weight.shape[-1]
+    depth = len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')})
+    mlp_ratio = state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim if depth else 4.0
+    num_heads = num_heads or next((size['num_heads'] for size in VIT_SIZES.values()
+                                   if size['embed_dim'] == embed_dim), max(1, embed_dim // 64))
+    model = vit_class(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio)
+    state_dict = dict(state_dict, pos_embed=resize_pos_embed(state_dict['pos_embed'], model.grid_size))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:  # names every missing, unexpected or mis-shaped key
+        raise ValueError(f'weights do not fit a ViT of width {embed_dim}, depth {depth}, patch {patch_size}: '
+                         + ' '.join(str(e).split())) from None
+    return model
 
 
 class MAE(ViT):
@@ -177,8 +243,15 @@ class MAE(ViT):
                    decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
                    norm_pix_loss=args.norm_pix_loss, drop_path=args.drop_path)
 
-    def build_teacher(self, args):
+    default_stages = 1
+
+    def build_teacher(self, args, state=None):
+        if args.teacher is not None or args.teacher_depth is not None:
+            raise ValueError(f'--teacher/--teacher_depth: {type(self).__name__} uses no teacher')
         return None  # MAE's target is the image itself
+
+    def teacher_state(self, teacher):
+        return None
 
     def patchify(self, imgs):
         """(B, 3, H, W) -> (B, L, p*p*3), channel last inside a patch."""

@@ -31,9 +31,10 @@ from torchvision import datasets, transforms
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+import dbot
 import mae
 
-METHODS = {'mae': mae.MAE}
+METHODS = {'mae': mae.MAE, 'dbot': dbot.DBOT}
 
 
 def get_args_parser():
@@ -54,10 +55,20 @@ def get_args_parser():
     parser.add_argument('--decoder_heads', default=4, type=int, help='paper (ImageNet): 16')
     parser.add_argument('--mask_ratio', default=0.75, type=float)
     parser.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction)
-    parser.add_argument('--drop_path', default=0.0, type=float)
+    parser.add_argument('--drop_path', default=0.0, type=float, help='in encoder and decoder (dBOT base: 0.2)')
+    # teachers and stages (dBOT)
+    parser.add_argument('--teacher', default=None,
+                        help='dbot: random (default: a frozen copy of the student\'s initialisation) or a ViT '
+                             'checkpoint file (ours, timm, official MAE or DINO layout) as the first teacher')
+    parser.add_argument('--teacher_depth', default=None, type=int,
+                        help='dbot random teacher: keep only its first N blocks (0: the large/huge recipe)')
+    parser.add_argument('--stages', default=None, type=int,
+                        help='dbot: bootstrapping stages sharing --epochs evenly (default 2; 1 for other methods)')
+    parser.add_argument('--stage_epochs', default=None, type=lambda s: [int(n) for n in s.split(',')],
+                        help='epochs of each stage, e.g. 800,800 (overrides --epochs)')
     # optimisation
-    parser.add_argument('--epochs', default=200, type=int)
-    parser.add_argument('--warmup_epochs', default=10, type=int)
+    parser.add_argument('--epochs', default=200, type=int, help='in all stages together')
+    parser.add_argument('--warmup_epochs', default=10, type=int, help='at the start of every stage')
     parser.add_argument('--batch_size', default=256, type=int, help='per process')
     parser.add_argument('--accum_iter', default=1, type=int, help='micro-batches per optimizer step')
     parser.add_argument('--blr', default=1.5e-4, type=float, help='lr = blr * effective batch / 256')
@@ -169,6 +180,18 @@ def param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
+def build_optimizer(model, args, lr, device):
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
+                             fused=device.type == 'cuda')
+
+
+def broadcast_parameters(module):
+    """Give every rank rank 0's weights: DDP does it once when it wraps a model, not after a re-initialisation."""
+    if dist.is_initialized():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def lr_at(step, total_steps, warmup_steps, peak_lr):
     """Linear warmup, then half-cosine to zero, updated every optimizer step (MAE §A.1)."""
     if step < warmup_steps:
@@ -256,6 +279,22 @@ def validate_args(args):
         fail(f'--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1')
     if args.epochs < 1 or args.warmup_epochs < 0 or args.batch_size < 1 or args.accum_iter < 1:
         fail('--epochs, --batch_size and --accum_iter must be positive and --warmup_epochs non-negative')
+    method = METHODS[args.method]
+    if args.stages is None:
+        args.stages = len(args.stage_epochs) if args.stage_epochs else method.default_stages
+    if args.stages < 1:
+        fail(f'--stages {args.stages}: a run needs at least one stage')
+    if args.stages > 1 and method.default_stages == 1:
+        fail(f'--stages {args.stages}: {args.method} trains in a single stage (only dbot bootstraps teachers)')
+    if args.stage_epochs:
+        if len(args.stage_epochs) != args.stages or min(args.stage_epochs) < 1:
+            fail(f'--stage_epochs {args.stage_epochs} must give {args.stages} positive epoch counts')
+        args.epochs = sum(args.stage_epochs)
+    elif args.epochs < args.stages:
+        fail(f'--epochs {args.epochs} is fewer than --stages {args.stages}')
+    else:  # an even split; the last stages take the remainder
+        args.stage_epochs = [args.epochs // args.stages + (s >= args.stages - args.epochs % args.stages)
+                             for s in range(args.stages)]
 
 
 def main(args):
@@ -291,23 +330,25 @@ def main(args):
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = METHODS[args.method].from_args(args).to(device)
-    teacher = model.build_teacher(args)
     raw_model = model
     eff_batch = args.batch_size * args.accum_iter * world_size
     peak_lr = args.lr or args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak_lr, betas=(0.9, 0.95),
-                                  fused=device.type == 'cuda')
+    optimizer = build_optimizer(model, args, peak_lr, device)
 
-    start_epoch = 0
+    start_epoch, stage, teacher_state = 0, 0, None
     resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
     if args.resume or resume.exists():
         ckpt = load_checkpoint(resume)
         raw_model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        start_epoch = ckpt['epoch']
+        start_epoch, stage, teacher_state = ckpt['epoch'], ckpt['stage'], ckpt['teacher']
         if is_main:
-            print(f'resumed from {resume} at epoch {start_epoch}')
+            print(f'resumed from {resume} at epoch {start_epoch} (stage {stage})')
             truncate_log(out / 'log.jsonl', start_epoch)
+    try:
+        teacher = model.build_teacher(args, teacher_state)
+    except ValueError as e:
+        fail(e)
     if start_epoch >= args.epochs:
         if is_main:
             print(f'nothing to do: {resume} has already trained {start_epoch} of {args.epochs} epochs')
@@ -331,8 +372,21 @@ def main(args):
         print(f'{args.method} {args.model}: {n_params / 1e6:.1f}M trainable parameters; {len(dataset)} images; '
               f'{world_size} process(es) on {device}; effective batch {eff_batch}; peak lr {peak_lr:.3g}')
 
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
+    warmup_steps = args.warmup_epochs * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
+        if epoch in stage_starts[stage + 1:]:  # a stage boundary (dBOT §3): the student becomes the teacher
+            stage += 1
+            teacher = raw_model.next_stage(teacher)
+            broadcast_parameters(raw_model)
+            # A fresh AdamW for the fresh student: the moments of the previous stage's converged network say nothing
+            # about the new one's gradients (the official code keeps them; warmup makes the difference small).
+            optimizer = build_optimizer(raw_model, args, peak_lr, device)
+            if is_main:
+                save_checkpoint(dict(model=raw_model.teacher_state(teacher), args=vars(args), stage=stage),
+                                out / f'teacher-stage{stage}.pth')
+        stage_steps = args.stage_epochs[stage] * steps_per_epoch
+        step_in_stage = (epoch - stage_starts[stage]) * steps_per_epoch
         # Every (epoch, rank) has its own RNG stream derived from --seed, so a resumed run draws the same masks and
         # augmentations as an uninterrupted one without storing RNG state (data loader workers are seeded from it).
         torch.manual_seed(hash((args.seed, epoch, rank)))
@@ -343,7 +397,7 @@ def main(args):
         bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch}', disable=not is_main, dynamic_ncols=True)
         batches = iter(loader)
         for step in range(steps_per_epoch):
-            lr = lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, peak_lr)
+            lr = lr_at(step_in_stage + step, stage_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group['lr'] = lr
             for micro in range(args.accum_iter):
@@ -377,7 +431,7 @@ def main(args):
 
         epoch_loss = all_reduce_mean(loss_sum / (steps_per_epoch * args.accum_iter)).item()
         img_per_s = steps_per_epoch * eff_batch / (time.perf_counter() - epoch_start)
-        row = dict(epoch=epoch, stage=0, loss=epoch_loss, lr=lr, img_per_s=round(img_per_s, 1))
+        row = dict(epoch=epoch, stage=stage, loss=epoch_loss, lr=lr, img_per_s=round(img_per_s, 1))
         if mfu_denominator:
             row['mfu'] = round(img_per_s / world_size / mfu_denominator, 4)
         if not math.isfinite(epoch_loss):  # every rank sees the same all-reduced value, so all stop together
@@ -393,7 +447,8 @@ def main(args):
             with open(out / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(row) + '\n')
             save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                                 args=vars(args)), out / 'checkpoint-last.pth')
+                                 stage=stage, teacher=raw_model.teacher_state(teacher), args=vars(args)),
+                            out / 'checkpoint-last.pth')
             tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
         barrier()
 

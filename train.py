@@ -200,6 +200,16 @@ def lr_at(step, total_steps, warmup_steps, peak_lr):
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def forward_backward(model, teacher, imgs, mask_ratio, autocast, loss_scale=1.0):
+    """One micro-batch: the frozen teacher's targets without autograd, then the model's loss and its gradients."""
+    with torch.inference_mode(), autocast:
+        targets = teacher(imgs) if teacher is not None else None
+    with autocast:
+        loss, _, _ = model(imgs, mask_ratio, targets=targets)
+    (loss * loss_scale).backward()
+    return loss
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Checkpoints, logs, figures
 
@@ -248,9 +258,7 @@ def flops_per_image(model, teacher, args, device):
     torch.utils.flop_counter on a batch of two."""
     imgs = torch.randn(2, 3, args.img_size, args.img_size, device=device)
     with FlopCounterMode(display=False) as counter:
-        targets = teacher(imgs) if teacher is not None else None
-        loss, _, _ = model(imgs, args.mask_ratio, targets=targets)
-        loss.backward()
+        forward_backward(model, teacher, imgs, args.mask_ratio, nullcontext())
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / imgs.shape[0]
 
@@ -402,15 +410,10 @@ def main(args):
                 group['lr'] = lr
             for micro in range(args.accum_iter):
                 imgs = next(batches)[0].to(device, non_blocking=True)
-                with torch.inference_mode(), autocast:
-                    targets = teacher(imgs) if teacher is not None else None
                 last_micro = micro == args.accum_iter - 1
                 # DDP all-reduces gradients only on the last micro-batch of an accumulation step.
-                sync = nullcontext() if world_size == 1 or last_micro else model.no_sync()
-                with sync, autocast:
-                    loss, _, _ = model(imgs, args.mask_ratio, targets=targets)
-                with sync:
-                    (loss / args.accum_iter).backward()
+                with nullcontext() if world_size == 1 or last_micro else model.no_sync():
+                    loss = forward_backward(model, teacher, imgs, args.mask_ratio, autocast, 1 / args.accum_iter)
                 loss_sum += loss.detach()
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)

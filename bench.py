@@ -1,0 +1,151 @@
+"""
+Training-step throughput, peak memory and MFU of each method, on synthetic images already on the device: the cost
+of the model alone (teachers included, with random weights: speed does not depend on them). The step is train.py's
+own forward_backward plus the optimizer step. With --data FOLDER it also measures the input pipeline alone.
+
+    python bench.py --device cpu --model vit_tiny --img_size 64 --patch_size 8 --batch_size 64 --json
+    python bench.py --device cuda --model vit_base --img_size 224 --patch_size 16 --batch_size 128 \
+        --decoder_dim 512 --decoder_depth 8 --decoder_heads 16
+
+FLOPs are counted with torch.utils.flop_counter (matmuls, convolutions and attention; elementwise work is left
+out, as usual for MFU). MFU is against the bf16 matmul peak measured on the same card in the same run.
+Method `hf_vitmae` is HF transformers' ViTMAEForPreTraining in the same configuration, when transformers is
+installed (it is not a requirement of this project).
+"""
+
+import json
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import train
+
+
+class HFViTMAE(nn.Module):
+    """The peer: HF transformers' ViTMAE with our configuration, behind our method interface."""
+
+    def __init__(self, args):
+        super().__init__()
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+        size = train.mae.VIT_SIZES[args.model]
+        config = ViTMAEConfig(
+            hidden_size=size['embed_dim'], num_hidden_layers=size['depth'], num_attention_heads=size['num_heads'],
+            intermediate_size=4 * size['embed_dim'], image_size=args.img_size, patch_size=args.patch_size,
+            decoder_hidden_size=args.decoder_dim, decoder_num_hidden_layers=args.decoder_depth,
+            decoder_num_attention_heads=args.decoder_heads, decoder_intermediate_size=4 * args.decoder_dim,
+            mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, attn_implementation='sdpa')
+        self.model = ViTMAEForPreTraining(config)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, targets=None):
+        out = self.model(pixel_values=imgs, noise=noise)
+        return out.loss, out.logits, out.mask
+
+
+def available_methods():
+    methods = sorted(train.METHODS)
+    try:
+        import transformers  # noqa: F401
+        methods.append('hf_vitmae')
+    except ImportError:
+        pass
+    return methods
+
+
+def median_seconds(fn, device, warmup, steps):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def bench_method(method, args, device, peak_flops):
+    args.method, args.teacher = method, None
+    torch.manual_seed(0)
+    if method == 'hf_vitmae':
+        model, teacher = HFViTMAE(args).to(device), None
+    else:
+        model = train.METHODS[method].from_args(args).to(device)
+        teacher = model.build_teacher(args)
+    flops = train.flops_per_image(model, teacher, args, device)
+    optimizer = train.build_optimizer(model, args, 1e-4, device)
+    step_model = torch.compile(model) if args.compile else model
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+
+    def step():
+        train.forward_backward(step_model, teacher, imgs, args.mask_ratio, autocast)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_seconds(step, device, args.warmup_steps, args.steps)
+    img_per_s = args.batch_size / seconds
+    return dict(method=method, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
+                device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+                batch_size=args.batch_size, step_ms=round(seconds * 1e3, 2), img_per_s=round(img_per_s, 1),
+                gflops_per_img=round(flops / 1e9, 3),
+                peak_mem_mb=round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == 'cuda' else None,
+                mfu=round(flops * img_per_s / peak_flops, 4) if peak_flops else None)
+
+
+def bench_loader(args):
+    """Images per second that the ImageFolder pipeline (decode + augment + collate) delivers, with no model."""
+    dataset = train.build_dataset(args, 'train', train.pretrain_transform(args.img_size))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                        drop_last=True)
+    batches = iter(loader)
+    next(batches)  # worker start-up is not throughput
+    count, begin = 0, time.perf_counter()
+    for _, _ in zip(range(args.steps), batches):
+        count += args.batch_size
+    return dict(method='loader', data=args.data, num_workers=args.num_workers, batch_size=args.batch_size,
+                img_per_s=round(count / (time.perf_counter() - begin), 1))
+
+
+def main():
+    parser = train.get_args_parser()
+    parser.description = 'Benchmark of one training step per method (model flags as in train.py)'
+    parser.add_argument('--methods', default=None, help='comma-separated (default: all available)')
+    parser.add_argument('--steps', default=10, type=int, help='timed steps (median reported)')
+    parser.add_argument('--warmup_steps', default=3, type=int)
+    parser.add_argument('--json', action='store_true', help='one JSON object per line')
+    parser.set_defaults(data=None, batch_size=64)
+    args = parser.parse_args()
+    train.validate_args(args)
+    device = torch.device(args.device)
+    peak_flops = train.measured_peak_flops(device) if device.type == 'cuda' else None
+    results = [bench_method(m, args, device, peak_flops)
+               for m in (args.methods.split(',') if args.methods else available_methods())]
+    if args.data:
+        results.append(bench_loader(args))
+    if args.json:
+        for row in results:
+            print(json.dumps(row))
+        return
+    columns = ['method', 'device', 'batch_size', 'step_ms', 'img_per_s', 'gflops_per_img', 'peak_mem_mb', 'mfu']
+    print(f'{args.model} at {args.img_size} px, patch {args.patch_size}, decoder {args.decoder_dim}x'
+          f'{args.decoder_depth}' + (f'; bf16 peak {peak_flops / 1e12:.0f} TFLOP/s measured' if peak_flops else ''))
+    print(' | '.join(columns))
+    for row in results:
+        print(' | '.join(str(row.get(c, '')) for c in columns))
+
+
+if __name__ == '__main__':
+    main()

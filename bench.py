@@ -80,8 +80,9 @@ def bench_method(method, args, device, peak_flops):
     if method == 'hf_vitmae':
         model, teacher = HFViTMAE(args).to(device), None
     else:
-        model = train.METHODS[method].from_args(args).to(device)
-        teacher = model.build_teacher(args)
+        teacher = train.METHODS[method].build_teacher(args)
+        model = train.METHODS[method].from_args(args, teacher).to(device)
+        teacher = teacher.to(device) if teacher is not None else None
     flops = train.flops_per_image(model, teacher, args, device)
     optimizer = train.build_optimizer(model, args, 1e-4, device)
     step_model = torch.compile(model) if args.compile else model

@@ -11,7 +11,7 @@ starts again from a fresh initialisation. The first teacher is the student's own
 import torch
 import torch.nn.functional as F
 
-from mae import MAE, ViT, build_vit, denormalize, encoder_state_dict, read_encoder_state_dict
+from mae import VIT_SIZES, MAE, ViT, build_vit, denormalize, encoder_state_dict, read_encoder_state_dict, whiten
 
 
 class Teacher(ViT):
@@ -22,11 +22,6 @@ class Teacher(ViT):
         return self.forward_blocks(imgs)  # (B, 1 + L, D), cls included
 
 
-def whiten(tokens):
-    """Per-token standardisation, a LayerNorm without affine parameters (dBOT §3)."""
-    return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=1e-6)
-
-
 class DBOT(MAE):
     default_stages = 2  # 2 for classification in the paper; 3 for detection and segmentation
 
@@ -34,23 +29,33 @@ class DBOT(MAE):
         kwargs.pop('norm_pix_loss', None)  # the targets are features, not pixels
         super().__init__(embed_dim=embed_dim, pred_dim=embed_dim, **kwargs)
 
-    def build_teacher(self, args, state=None):
-        """The stage's teacher: `state` when resuming (whatever stage it teaches); else, per --teacher, a frozen copy
-        of this student's random initialisation (its first --teacher_depth blocks; 0 blocks leaves the normalised
-        random patch embedding plus position code, the paper's large/huge recipe) or a pre-trained ViT file."""
+    @classmethod
+    def build_teacher(cls, args, state=None):
+        """The stage's teacher: `state` when resuming (whatever stage it teaches); else, per --teacher, a random ViT
+        of the student's architecture that the student will start from (its first --teacher_depth blocks; 0 blocks
+        leaves the normalised random patch embedding plus position code, the paper's large/huge recipe), or a
+        pre-trained ViT file."""
+        size = VIT_SIZES[args.model]
         if state is None and args.teacher in (None, 'random'):
-            state = encoder_state_dict(self.state_dict())
-            if args.teacher_depth is not None:
-                state = {k: v for k, v in state.items()
-                         if not k.startswith('blocks.') or int(k.split('.')[1]) < args.teacher_depth}
-        elif state is None:
-            state = read_encoder_state_dict(args.teacher)
-        teacher = build_vit(state, args.img_size, Teacher, self.num_heads)  # the same width, so the same heads
-        if teacher.grid_size != self.grid_size or teacher.cls_token.shape != self.cls_token.shape:
+            depth = size['depth'] if args.teacher_depth is None else args.teacher_depth
+            teacher = Teacher(args.img_size, args.patch_size, size['embed_dim'], depth, size['num_heads'])
+            teacher.initialize_weights()
+        else:
+            state = read_encoder_state_dict(args.teacher) if state is None else state
+            teacher = build_vit(state, args.img_size, Teacher, size['num_heads'])  # the student's width and heads
+        grid = (args.img_size // args.patch_size,) * 2
+        if teacher.grid_size != grid or teacher.cls_token.shape[-1] != size['embed_dim']:
             raise ValueError(f'teacher {args.teacher}: its {teacher.grid_size} token grid of width '
-                             f'{teacher.cls_token.shape[-1]} does not match the student\'s {self.grid_size} grid of '
-                             f'width {self.cls_token.shape[-1]}')
-        return teacher.to(self.cls_token.device).requires_grad_(False).eval()
+                             f'{teacher.cls_token.shape[-1]} does not match the student\'s {grid} grid of width '
+                             f'{size["embed_dim"]}')
+        return teacher.requires_grad_(False).eval()
+
+    @classmethod
+    def from_args(cls, args, teacher=None):
+        student = super().from_args(args, teacher)
+        if args.teacher in (None, 'random'):  # dBOT §3: the first teacher is the student's own initialisation
+            student.load_state_dict(teacher.state_dict(), strict=False)
+        return student
 
     def teacher_state(self, teacher):
         return teacher.state_dict()  # bootstrapped teachers exist nowhere else: the checkpoint must hold them

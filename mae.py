@@ -7,14 +7,15 @@ loads into timm.create_model('vit_base_patch16_224', ...) and an official MAE ch
 
 The interface between a method and train.py (MAE, MR-MAE, MCMAE and dBOT all implement it):
 
-    model = Method.from_args(args)       # nn.Module holding exactly what the optimizer trains;
-                                         # model.num_patches = L, the number of maskable tokens
-    teacher = model.build_teacher(args, state=None)  # frozen nn.Module mapping images to targets, or None (MAE);
+    teacher = Method.build_teacher(args, state=None)  # frozen nn.Module mapping images to targets, or None (MAE);
                                          # state: what model.teacher_state(teacher) returned, when resuming
+    model = Method.from_args(args, teacher)  # nn.Module holding exactly what the optimizer trains, shaped to fit
+                                         # the teacher; model.num_patches = L, the number of maskable tokens
     loss, pred, mask = model(imgs, mask_ratio, noise=None, targets=None)
         imgs:    (B, 3, H, W) images, normalised with the ImageNet mean/std
-        targets: teacher(imgs) for the same images (train.py computes it without grad), or None
+        targets: teacher(imgs) for the same images (train.py computes it without autograd), or None
         loss:    scalar to minimise;  pred: (B, L, C) per-token predictions;  mask: (B, L), 1 = hidden
+    model.loss_terms                     # dict of detached scalars from the last forward, logged beside the loss
     rows, caption = model.visualize(imgs, pred, mask, targets)
         rows: list of (B, 3, H, W) images in [0, 1], one figure row each; caption: how to read them
     Method.default_stages                # 1, except dBOT, which also implements
@@ -144,11 +145,17 @@ class ViT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def prepend_cls(self, x):
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def embed(self, imgs):
+        """(B, 3, H, W) -> (B, 1 + L, D): patch embedding plus position code, cls first."""
+        return self.prepend_cls(self.patch_embed(imgs) + self.pos_embed[:, 1:])
+
     def forward_blocks(self, imgs):
         """All tokens of the unmasked image after the last block, before the final norm: (B, 1 + L, D)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        x = self.embed(imgs)
         for block in self.blocks:
             x = block(x)
         return x
@@ -235,20 +242,22 @@ class MAE(ViT):
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         # Per-token output: the p*p*3 pixels of a patch for MAE; subclasses predict features instead (dBOT).
         self.decoder_pred = nn.Linear(decoder_dim, pred_dim or patch_size ** 2 * 3)
+        self.loss_terms = {}
         self.initialize_weights()
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(img_size=args.img_size, patch_size=args.patch_size, **VIT_SIZES[args.model],
-                   decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
-                   norm_pix_loss=args.norm_pix_loss, drop_path=args.drop_path)
 
     default_stages = 1
 
-    def build_teacher(self, args, state=None):
+    @classmethod
+    def build_teacher(cls, args, state=None):
         if args.teacher is not None or args.teacher_depth is not None:
-            raise ValueError(f'--teacher/--teacher_depth: {type(self).__name__} uses no teacher')
+            raise ValueError(f'--teacher/--teacher_depth: {args.method} uses no teacher')
         return None  # MAE's target is the image itself
+
+    @classmethod
+    def from_args(cls, args, teacher=None, **method_kwargs):
+        return cls(img_size=args.img_size, patch_size=args.patch_size, **VIT_SIZES[args.model],
+                   decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads,
+                   norm_pix_loss=args.norm_pix_loss, drop_path=args.drop_path, **method_kwargs)
 
     def teacher_state(self, teacher):
         return None
@@ -280,12 +289,15 @@ class MAE(ViT):
         mask[:, :len_keep] = 0
         return x_visible, torch.gather(mask, 1, ids_restore), ids_restore
 
-    def forward_encoder(self, imgs, mask_ratio, noise=None):
-        """Visible tokens only (MAE §3, "MAE encoder"): (B, 1 + K, D) after the final norm."""
+    def embed_visible(self, imgs, mask_ratio, noise=None):
+        """Patch embedding plus position code, then only the visible tokens, cls first: (B, 1 + K, D)."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        return self.prepend_cls(x), mask, ids_restore
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """Visible tokens only (MAE §3, "MAE encoder"): (B, 1 + K, D) after the final norm."""
+        x, mask, ids_restore = self.embed_visible(imgs, mask_ratio, noise)
         for block in self.blocks:
             x = block(x)
         return self.norm(x), mask, ids_restore
@@ -334,6 +346,13 @@ class MAE(ViT):
         if self.norm_pix_loss:
             caption += " (each predicted patch shown with the mean/std of the original patch)"
         return [denormalize(row) for row in rows], caption
+
+
+def whiten(tokens):
+    """Per-token standardisation, a LayerNorm without affine parameters: how feature targets are normalised (dBOT §3,
+    MR-MAE). Apply it outside the teacher's inference mode: its output is then an ordinary tensor that autograd may
+    save for the backward pass of the loss, which an inference tensor may not be."""
+    return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=1e-6)
 
 
 def denormalize(imgs):

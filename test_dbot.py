@@ -11,18 +11,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train
-from dbot import DBOT, whiten
-from mae import encoder_state_dict
+from dbot import DBOT
+from mae import encoder_state_dict, whiten
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_dim=32, decoder_depth=1,
             decoder_heads=4)
 
 
 def teacher_args(**overrides):
-    args = train.get_args_parser().parse_args(['--method', 'dbot', '--img_size', '32', '--patch_size', '8'])
+    args = train.get_args_parser().parse_args(['--method', 'dbot', '--img_size', '32', '--patch_size', '8',
+                                               '--decoder_dim', '32', '--decoder_depth', '1'])
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
+
+
+def build(**overrides):
+    """A ViT-Tiny dBOT student and its first teacher, built as train.py builds them."""
+    args = teacher_args(**overrides)
+    teacher = DBOT.build_teacher(args)
+    return DBOT.from_args(args, teacher), teacher
 
 
 def test_whitening_and_loss_on_hand_checked_example():
@@ -40,22 +48,20 @@ def test_whitening_and_loss_on_hand_checked_example():
 
 
 def test_student_predicts_a_feature_for_every_token_including_cls():
-    model = DBOT(**TINY)
-    teacher = model.build_teacher(teacher_args())
+    model, teacher = build()
     imgs = torch.randn(2, 3, 32, 32)
     latent, mask, ids_restore = model.forward_encoder(imgs, 0.75)
-    assert model.forward_decoder(latent, ids_restore).shape == (2, 1 + 16, 64)
+    assert model.forward_decoder(latent, ids_restore).shape == (2, 1 + 16, 192)
     with torch.inference_mode():
         targets = teacher(imgs)
-    assert targets.shape == (2, 1 + 16, 64)
+    assert targets.shape == (2, 1 + 16, 192)
     loss, pred, mask = model(imgs, 0.75, targets=targets)
     loss.backward()  # targets made under inference mode must be usable by the loss
-    assert pred.shape == (2, 16, 64) and torch.isfinite(loss)
+    assert pred.shape == (2, 16, 192) and torch.isfinite(loss)
 
 
 def test_random_teacher_is_the_students_initialisation_and_frozen():
-    model = DBOT(**TINY)
-    teacher = model.build_teacher(teacher_args())
+    model, teacher = build()
     student = encoder_state_dict(model.state_dict())
     assert all(torch.equal(student[k], v) for k, v in teacher.state_dict().items())
     # the target is the last block's output before the final norm
@@ -76,8 +82,7 @@ def test_random_teacher_is_the_students_initialisation_and_frozen():
 
 
 def test_zero_block_teacher_is_normalised_patch_embedding_plus_position():
-    model = DBOT(**TINY)
-    teacher = model.build_teacher(teacher_args(teacher_depth=0))
+    model, teacher = build(teacher_depth=0)
     assert len(teacher.blocks) == 0
     imgs = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -86,23 +91,21 @@ def test_zero_block_teacher_is_normalised_patch_embedding_plus_position():
 
 
 def test_teacher_from_a_timm_checkpoint_and_a_mismatched_one(tmp_path):
-    model = DBOT(img_size=32, patch_size=8, embed_dim=192, depth=12, num_heads=3, decoder_dim=32, decoder_depth=1)
     reference = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0, img_size=32, patch_size=8)
     torch.save(reference.state_dict(), tmp_path / 'timm.pth')
-    teacher = model.build_teacher(teacher_args(teacher=str(tmp_path / 'timm.pth')))
+    model, teacher = build(teacher=str(tmp_path / 'timm.pth'))
     assert torch.equal(teacher.blocks[3].mlp.fc1.weight, reference.blocks[3].mlp.fc1.weight)
     coarse = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0, img_size=32)
     torch.save(coarse.state_dict(), tmp_path / 'patch16.pth')
     with pytest.raises(ValueError, match='token grid'):
-        model.build_teacher(teacher_args(teacher=str(tmp_path / 'patch16.pth')))
+        DBOT.build_teacher(teacher_args(teacher=str(tmp_path / 'patch16.pth')))
     with pytest.raises(ValueError, match='no such file'):
-        model.build_teacher(teacher_args(teacher=str(tmp_path / 'missing.pth')))
+        DBOT.build_teacher(teacher_args(teacher=str(tmp_path / 'missing.pth')))
 
 
 def test_stage_switch_copies_student_into_teacher_and_reinitialises_student():
     torch.manual_seed(0)
-    model = DBOT(**TINY)
-    teacher = model.build_teacher(teacher_args())
+    model, teacher = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     imgs = torch.randn(2, 3, 32, 32)
     for _ in range(3):  # train a little, so that the student is neither its init nor the teacher
@@ -185,8 +188,7 @@ def _reinit_on_rank(rank, world_size, port, results):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world_size)
     torch.manual_seed(0)
-    model = DBOT(**TINY)
-    teacher = model.build_teacher(teacher_args())
+    model, teacher = build()
     torch.manual_seed(100 + rank)  # ranks' RNG streams differ during training, as they do in train.py
     teacher = model.next_stage(teacher)
     before = torch.cat([p.flatten() for p in model.parameters()])

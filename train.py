@@ -336,27 +336,29 @@ def main(args):
         fail(f'{len(dataset)} images are too few for {world_size} process(es) x --batch_size {args.batch_size} '
              f'x --accum_iter {args.accum_iter}')
 
+    resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
+    ckpt = load_checkpoint(resume) if args.resume or resume.exists() else None
+    method = METHODS[args.method]
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = METHODS[args.method].from_args(args).to(device)
+    try:
+        teacher = method.build_teacher(args, ckpt['teacher'] if ckpt else None)
+    except ValueError as e:
+        fail(e)
+    model = method.from_args(args, teacher).to(device)
+    teacher = teacher.to(device) if teacher is not None else None
     raw_model = model
     eff_batch = args.batch_size * args.accum_iter * world_size
     peak_lr = args.lr or args.blr * eff_batch / 256
     optimizer = build_optimizer(model, args, peak_lr, device)
 
-    start_epoch, stage, teacher_state = 0, 0, None
-    resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
-    if args.resume or resume.exists():
-        ckpt = load_checkpoint(resume)
+    start_epoch, stage = 0, 0
+    if ckpt:
         raw_model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
-        start_epoch, stage, teacher_state = ckpt['epoch'], ckpt['stage'], ckpt['teacher']
+        start_epoch, stage = ckpt['epoch'], ckpt['stage']
         if is_main:
             print(f'resumed from {resume} at epoch {start_epoch} (stage {stage})')
             truncate_log(out / 'log.jsonl', start_epoch)
-    try:
-        teacher = model.build_teacher(args, teacher_state)
-    except ValueError as e:
-        fail(e)
     if start_epoch >= args.epochs:
         if is_main:
             print(f'nothing to do: {resume} has already trained {start_epoch} of {args.epochs} epochs')
@@ -400,7 +402,7 @@ def main(args):
         torch.manual_seed(hash((args.seed, epoch, rank)))
         sampler.set_epoch(epoch)
         model.train()
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, term_sums = torch.zeros((), device=device), {}
         last_log_step, last_log_time, epoch_start = 0, time.perf_counter(), time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch}', disable=not is_main, dynamic_ncols=True)
         batches = iter(loader)
@@ -415,6 +417,8 @@ def main(args):
                 with nullcontext() if world_size == 1 or last_micro else model.no_sync():
                     loss = forward_backward(model, teacher, imgs, args.mask_ratio, autocast, 1 / args.accum_iter)
                 loss_sum += loss.detach()
+                for name, value in raw_model.loss_terms.items():  # e.g. MR-MAE's reconstruction and mimic terms
+                    term_sums[name] = term_sums.get(name, 0) + value
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
             optimizer.step()
@@ -432,9 +436,11 @@ def main(args):
                 last_log_step, last_log_time = step + 1, now
         bar.close()
 
-        epoch_loss = all_reduce_mean(loss_sum / (steps_per_epoch * args.accum_iter)).item()
+        micro_batches = steps_per_epoch * args.accum_iter
+        epoch_loss = all_reduce_mean(loss_sum / micro_batches).item()
         img_per_s = steps_per_epoch * eff_batch / (time.perf_counter() - epoch_start)
         row = dict(epoch=epoch, stage=stage, loss=epoch_loss, lr=lr, img_per_s=round(img_per_s, 1))
+        row.update({name: all_reduce_mean(total / micro_batches).item() for name, total in term_sums.items()})
         if mfu_denominator:
             row['mfu'] = round(img_per_s / world_size / mfu_denominator, 4)
         if not math.isfinite(epoch_loss):  # every rank sees the same all-reduced value, so all stop together

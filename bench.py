@@ -15,6 +15,7 @@ installed (it is not a requirement of this project).
 
 import json
 import statistics
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+import mrmae
 import train
 
 
@@ -75,7 +77,7 @@ def median_seconds(fn, device, warmup, steps):
 
 
 def bench_method(method, args, device, peak_flops):
-    args.method, args.teacher = method, None
+    args.method, args.teacher = method, None  # each method's default teacher
     torch.manual_seed(0)
     if method == 'hf_vitmae':
         model, teacher = HFViTMAE(args).to(device), None
@@ -94,13 +96,19 @@ def bench_method(method, args, device, peak_flops):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def teacher_forward():
+        with torch.inference_mode(), autocast:
+            teacher(imgs)
+
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     seconds = median_seconds(step, device, args.warmup_steps, args.steps)
+    teacher_seconds = median_seconds(teacher_forward, device, 1, args.steps) if teacher is not None else 0
     img_per_s = args.batch_size / seconds
     return dict(method=method, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
                 device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                 batch_size=args.batch_size, step_ms=round(seconds * 1e3, 2), img_per_s=round(img_per_s, 1),
+                teacher_ms=round(teacher_seconds * 1e3, 2),
                 gflops_per_img=round(flops / 1e9, 3),
                 peak_mem_mb=round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == 'cuda' else None,
                 mfu=round(flops * img_per_s / peak_flops, 4) if peak_flops else None)
@@ -131,6 +139,9 @@ def main():
     args = parser.parse_args()
     train.validate_args(args)
     device = torch.device(args.device)
+    if args.clip_weights is None and args.dino_weights is None:  # MR-MAE's teachers, randomly initialised
+        args.clip_weights, args.dino_weights = mrmae.save_standin_weights(tempfile.mkdtemp(), args.clip_model,
+                                                                          args.dino_model)
     peak_flops = train.measured_peak_flops(device) if device.type == 'cuda' else None
     results = [bench_method(m, args, device, peak_flops)
                for m in (args.methods.split(',') if args.methods else available_methods())]
@@ -140,7 +151,8 @@ def main():
         for row in results:
             print(json.dumps(row))
         return
-    columns = ['method', 'device', 'batch_size', 'step_ms', 'img_per_s', 'gflops_per_img', 'peak_mem_mb', 'mfu']
+    columns = ['method', 'device', 'batch_size', 'step_ms', 'teacher_ms', 'img_per_s', 'gflops_per_img',
+               'peak_mem_mb', 'mfu']
     print(f'{args.model} at {args.img_size} px, patch {args.patch_size}, decoder {args.decoder_dim}x'
           f'{args.decoder_depth}' + (f'; bf16 peak {peak_flops / 1e12:.0f} TFLOP/s measured' if peak_flops else ''))
     print(' | '.join(columns))

@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 import dbot
 import mae
+import mrmae
 
-METHODS = {'mae': mae.MAE, 'dbot': dbot.DBOT}
+METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'dbot': dbot.DBOT}
 
 
 def get_args_parser():
@@ -56,10 +57,22 @@ def get_args_parser():
     parser.add_argument('--mask_ratio', default=0.75, type=float)
     parser.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction)
     parser.add_argument('--drop_path', default=0.0, type=float, help='in encoder and decoder (dBOT base: 0.2)')
-    # teachers and stages (dBOT)
+    # teachers (MR-MAE, dBOT) and stages (dBOT)
     parser.add_argument('--teacher', default=None,
-                        help='dbot: random (default: a frozen copy of the student\'s initialisation) or a ViT '
+                        help='mrmae: clip+dino (default), clip, dino, or ViT files trained here, joined by "+"; '
+                             'dbot: random (default: a frozen copy of the student\'s initialisation) or a ViT '
                              'checkpoint file (ours, timm, official MAE or DINO layout) as the first teacher')
+    parser.add_argument('--clip_model', default='ViT-B-16', help='open_clip model name of the CLIP teacher')
+    parser.add_argument('--clip_weights', default=None, help='its weights: a local open_clip file, or a tag')
+    parser.add_argument('--clip_quick_gelu', default=True, action=argparse.BooleanOptionalAction,
+                        help="OpenAI's CLIP weights (the paper's) need QuickGELU; turn off for LAION/DataComp ones")
+    parser.add_argument('--dino_model', default='vit_base_patch16_224.dino', help='timm model name of the DINO teacher')
+    parser.add_argument('--dino_weights', default=None, help='its weights: a local timm file, or "hub"')
+    parser.add_argument('--mimic_weight', default=1.0, type=float, help='mrmae: weight of the mimic loss')
+    parser.add_argument('--focused_mimic', action='store_true',
+                        help='mrmae: pick the visible tokens by the teacher\'s [CLS] attention (our reading)')
+    parser.add_argument('--fusion_layers', default=0, type=int,
+                        help='mrmae: mimic from a learned mix of the last K encoder layers (our reading)')
     parser.add_argument('--teacher_depth', default=None, type=int,
                         help='dbot random teacher: keep only its first N blocks (0: the large/huge recipe)')
     parser.add_argument('--stages', default=None, type=int,

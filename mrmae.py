@@ -1,0 +1,265 @@
+"""
+MR-MAE: mimic before reconstruct.
+
+"Mimic before Reconstruct: Enhancing Masked Autoencoders with Feature Mimicking", 2023. https://arxiv.org/abs/2303.05475
+Only what the paper adds to MAE (mae.py): the encoder's visible tokens mimic frozen teachers' features at the same
+positions (CLIP and DINO), through one linear head per teacher, while the decoder reconstructs the pixels of the
+hidden tokens exactly as in MAE. The two targets touch disjoint tokens, so they do not pull against each other.
+"""
+
+import hashlib
+import re
+from pathlib import Path
+
+import open_clip
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from mae import MAE, build_vit, read_encoder_state_dict, whiten
+
+
+class FrozenViT(nn.Module):
+    """One frozen teacher behind a common interface. It sees the full image re-normalised to its own mean/std and
+    resized so that its token grid is exactly the student's (a patch-16 teacher of a 64 px, patch-8 student sees the
+    image at 128 px): each teacher token then covers the same pixels as the student token it teaches, which
+    resampling a token map computed at the teacher's native size would only approximate."""
+
+    def __init__(self, backbone, mean, std, patch_size, grid_size, width):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.input_size = (grid_size[0] * patch_size, grid_size[1] * patch_size)
+        self.width = width
+        mean, std = torch.tensor(mean), torch.tensor(std)
+        scale = torch.tensor(IMAGENET_DEFAULT_STD) / std  # ImageNet-normalised -> teacher-normalised
+        shift = (torch.tensor(IMAGENET_DEFAULT_MEAN) - mean) / std
+        self.register_buffer('scale', scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('shift', shift.view(1, 3, 1, 1), persistent=False)
+
+    def last_two_blocks(self, x):  # -> outputs of the last two blocks, (B, 1 + L, D) each, cls first
+        raise NotImplementedError
+
+    def last_block(self):  # -> norm, fused qkv weight and bias, heads: timm's layout, which ours shares
+        block = self.backbone.blocks[-1]
+        return block.norm1, block.attn.qkv.weight, block.attn.qkv.bias, block.attn.num_heads
+
+    def forward(self, imgs, attention=False):
+        """-> the last block's patch tokens (B, L, D_t), before any final norm or projection, and with attention=True
+        the last layer's [CLS] -> patch attention averaged over heads (B, L), else None."""
+        x = imgs * self.scale + self.shift
+        if x.shape[-2:] != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode='bicubic', align_corners=False, antialias=True)
+        before_last, last = self.last_two_blocks(x)
+        if not attention:
+            return last[:, 1:], None
+        norm, qkv_weight, qkv_bias, heads = self.last_block()
+        q, k, _ = F.linear(norm(before_last), qkv_weight, qkv_bias).chunk(3, dim=-1)
+        B, N, D = k.shape
+        q = q[:, :1].reshape(B, 1, heads, D // heads).transpose(1, 2)  # (B, heads, 1, D/heads)
+        k = k.reshape(B, N, heads, D // heads).transpose(1, 2)  # (B, heads, N, D/heads)
+        weights = (q @ k.transpose(-2, -1) * (D // heads) ** -0.5).softmax(dim=-1)  # (B, heads, 1, N)
+        return last[:, 1:], weights.mean(dim=1)[:, 0, 1:]
+
+
+class ClipTeacher(FrozenViT):  # open_clip's VisionTransformer
+    def last_two_blocks(self, x):
+        out = self.backbone.forward_intermediates(x, indices=2, intermediates_only=True, output_fmt='NLC',
+                                                  output_extra_tokens=True)
+        return [torch.cat(pair, dim=1) for pair in zip(out['image_intermediates_prefix'], out['image_intermediates'])]
+
+    def last_block(self):
+        block = self.backbone.transformer.resblocks[-1]
+        return block.ln_1, block.attn.in_proj_weight, block.attn.in_proj_bias, block.attn.num_heads
+
+
+class TimmTeacher(FrozenViT):  # timm's VisionTransformer (DINO)
+    def last_two_blocks(self, x):
+        out = self.backbone.forward_intermediates(x, indices=2, return_prefix_tokens=True, norm=False,
+                                                  output_fmt='NLC', intermediates_only=True)
+        return [torch.cat([prefix, tokens], dim=1) for tokens, prefix in out]
+
+
+class OwnTeacher(FrozenViT):  # a ViT trained here (mae.py)
+    def last_two_blocks(self, x):
+        x = self.backbone.embed(x)
+        for block in self.backbone.blocks[:-1]:
+            x = block(x)
+        return x, self.backbone.blocks[-1](x)
+
+
+class MimicTeachers(nn.Module):
+    """The frozen teachers of a run: images -> {'features': {name: (B, L, D_t)}, 'attention': (B, L) or None}."""
+
+    def __init__(self, teachers, sources, focus=None):
+        super().__init__()
+        self.teachers = nn.ModuleDict(teachers)
+        self.sources, self.focus = sources, focus  # sources: where each teacher's weights came from, with hashes
+        self.dims = {name: teacher.width for name, teacher in teachers.items()}
+
+    def forward(self, imgs):
+        features, attention = {}, None
+        for name, teacher in self.teachers.items():
+            features[name], weights = teacher(imgs, attention=name == self.focus)
+            attention = weights if weights is not None else attention
+        return dict(features=features, attention=attention)
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_source(flag, value, hub_names):
+    """A local weights file (the normal case here) or, where a network exists, a pretrained tag of the library."""
+    if value in hub_names:
+        return value, None
+    if value is None or not Path(value).is_file():
+        raise ValueError(f'{flag} {value}: no such file. Give the local weights file (README: "MR-MAE" says where '
+                         f'to get it){" or one of " + ", ".join(hub_names) + " where a network exists" if hub_names else ""}')
+    return value, sha256(value)
+
+
+def load_clip(args, grid):
+    config = open_clip.get_model_config(args.clip_model)
+    if config is None:
+        raise ValueError(f'--clip_model {args.clip_model}: not an open_clip model name')
+    weights, digest = weights_source('--clip_weights', args.clip_weights,
+                                     open_clip.list_pretrained_tags_by_model(args.clip_model))
+    patch = config['vision_cfg']['patch_size']
+    try:  # open_clip resamples the position embedding to the new grid when it loads the weights
+        visual = open_clip.create_model(args.clip_model, pretrained=weights, force_quick_gelu=args.clip_quick_gelu,
+                                        force_image_size=(grid[0] * patch, grid[1] * patch)).visual
+    except Exception as e:
+        raise ValueError(f'--clip_weights {weights}: cannot load into {args.clip_model} ({str(e)[:200]})') from None
+    teacher = ClipTeacher(visual, visual.image_mean, visual.image_std, patch, grid, visual.transformer.width)
+    return teacher, dict(model=args.clip_model, weights=weights, sha256=digest)
+
+
+def load_dino(args, grid):
+    try:
+        with torch.device('meta'):  # the architecture only, to learn its patch size
+            patch = timm.create_model(args.dino_model).patch_embed.patch_size[0]
+    except RuntimeError as e:
+        raise ValueError(f'--dino_model {args.dino_model}: {e}') from None
+    weights, digest = weights_source('--dino_weights', args.dino_weights, ['hub'])
+    overlay = {} if weights == 'hub' else dict(pretrained_cfg_overlay=dict(file=weights))
+    try:  # timm resamples the position embedding to img_size when it loads the weights
+        backbone = timm.create_model(args.dino_model, pretrained=True, num_classes=0, img_size=grid[0] * patch,
+                                     **overlay)
+    except Exception as e:
+        raise ValueError(f'--dino_weights {weights}: cannot load into {args.dino_model} ({str(e)[:200]})') from None
+    cfg = backbone.pretrained_cfg
+    teacher = TimmTeacher(backbone, cfg['mean'], cfg['std'], patch, grid, backbone.embed_dim)
+    return teacher, dict(model=args.dino_model, weights=weights, sha256=digest)
+
+
+def load_own(path, grid):
+    weights, digest = weights_source('--teacher', path, [])
+    state = read_encoder_state_dict(weights)
+    patch = state['patch_embed.proj.weight'].shape[-1]
+    vit = build_vit(state, grid[0] * patch)
+    teacher = OwnTeacher(vit, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, patch, grid, vit.cls_token.shape[-1])
+    return teacher, dict(model='vit', weights=weights, sha256=digest)
+
+
+def load_teachers(args, state=None):
+    """--teacher: clip, dino, or files of ViTs trained here, joined by '+'. Resuming (state), the files must be the
+    ones the run started with: the same targets, or the run would silently change what it learns."""
+    grid = (args.img_size // args.patch_size,) * 2
+    teachers, sources = {}, {}
+    for spec in (args.teacher or 'clip+dino').split('+'):
+        if spec == 'clip':
+            name, (teacher, source) = 'clip', load_clip(args, grid)
+        elif spec == 'dino':
+            name, (teacher, source) = 'dino', load_dino(args, grid)
+        else:
+            name, (teacher, source) = re.sub(r'\W', '_', Path(spec).stem), load_own(spec, grid)
+        name = name if name not in teachers else f'{name}_{len(teachers)}'
+        teachers[name], sources[name] = teacher, source
+        if state is not None and state.get(name, {}).get('sha256') != source['sha256']:
+            raise ValueError(f'teacher {name}: {source["weights"]} is not the file this run started with '
+                             f'({state.get(name)})')
+    # Focused mimicking follows DINO's attention when DINO teaches (its [CLS] attention is the one known to single
+    # out objects), else the first teacher's.
+    focus = ('dino' if 'dino' in teachers else next(iter(teachers))) if args.focused_mimic else None
+    return MimicTeachers(teachers, sources, focus)
+
+
+class MRMAE(MAE):
+    def __init__(self, teacher_dims, mimic_weight=1.0, fusion_layers=0, focused_mimic=False, **kwargs):
+        super().__init__(**kwargs)
+        width = self.cls_token.shape[-1]
+        self.mimic_weight, self.focused_mimic = mimic_weight, focused_mimic
+        self.mimic_heads = nn.ModuleDict({name: nn.Linear(width, dim) for name, dim in teacher_dims.items()})
+        # Multi-layer fusion (our reading; the paper's details are unverified): the heads see a learned softmax mix of
+        # the last K blocks' outputs instead of the last block's alone.
+        self.fusion_logits = nn.Parameter(torch.zeros(fusion_layers)) if fusion_layers else None
+        self.initialize_weights()  # again: the heads did not exist when MAE's __init__ ran it
+
+    @classmethod
+    def build_teacher(cls, args, state=None):
+        return load_teachers(args, state)
+
+    @classmethod
+    def from_args(cls, args, teacher=None):
+        return super().from_args(args, teacher, teacher_dims=teacher.dims, mimic_weight=args.mimic_weight,
+                                 fusion_layers=args.fusion_layers, focused_mimic=args.focused_mimic)
+
+    def teacher_state(self, teacher):
+        return teacher.sources  # names and file hashes: the teachers' weights never enter our checkpoints
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """MAE's encoder, also returning what the mimic heads see: (latent, mimic_input, mask, ids_restore), both
+        (B, 1 + K, D) after the final norm."""
+        x, mask, ids_restore = self.embed_visible(imgs, mask_ratio, noise)
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        latent = self.norm(x)
+        if self.fusion_logits is None:
+            return latent, latent, mask, ids_restore
+        mixed = sum(w * h for w, h in zip(self.fusion_logits.softmax(dim=0), outputs[-len(self.fusion_logits):]))
+        return latent, self.norm(mixed), mask, ids_restore
+
+    def mimic_loss(self, visible_tokens, features, ids_keep):
+        """Per teacher: MSE between its head's prediction from the visible tokens (B, K, D) and its whitened
+        features at the same positions (MSE and the whitening are our reading; the paper leaves them open)."""
+        terms = {}
+        for name, head in self.mimic_heads.items():
+            target = whiten(features[name])
+            target = torch.gather(target, 1, ids_keep.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+            terms[name] = F.mse_loss(head(visible_tokens).float(), target)
+        return terms
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, targets=None):
+        if self.focused_mimic and noise is None:
+            # Focused mimicking (our reading; unverified): keep K tokens sampled without replacement in proportion
+            # to the teacher's [CLS] attention. An exponential race does it: token i draws E_i / a_i with
+            # E_i ~ Exp(1), and the K smallest draws, which random_masking keeps, are such a sample.
+            attention = targets['attention'].float()
+            noise = torch.empty_like(attention).exponential_() / attention.clamp_min(1e-12)
+        latent, mimic_input, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)[:, 1:]
+        loss_rec = self.forward_loss(imgs, pred, mask)  # hidden tokens only
+        ids_keep = ids_restore.argsort(dim=1)[:, :latent.shape[1] - 1]  # visible tokens, in the encoder's order
+        mimic = self.mimic_loss(mimic_input[:, 1:], targets['features'], ids_keep)  # visible tokens only
+        loss = loss_rec + self.mimic_weight * sum(mimic.values())
+        self.loss_terms = dict(loss_rec=loss_rec.detach(), **{f'loss_mimic_{k}': v.detach() for k, v in mimic.items()})
+        return loss, pred, mask
+
+
+def save_standin_weights(folder, clip_model='ViT-S-16', dino_model='vit_small_patch16_224.dino'):
+    """Randomly initialised teachers saved in the real file formats (an open_clip state dict, a timm state dict):
+    tests and benchmarks load them through the real loaders on machines without the real weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clip_path, dino_path = folder / f'{clip_model}-standin.pth', folder / f'{dino_model}-standin.pth'
+    torch.save(open_clip.create_model(clip_model, pretrained=None).state_dict(), clip_path)
+    torch.save(timm.create_model(dino_model, pretrained=False, num_classes=0).state_dict(), dino_path)
+    return clip_path, dino_path

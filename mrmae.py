@@ -121,7 +121,7 @@ def weights_source(flag, value, hub_names):
     if value is None or not Path(value).is_file():
         raise ValueError(f'{flag} {value}: no such file. Give the local weights file (README: "MR-MAE" says where '
                          f'to get it){" or one of " + ", ".join(hub_names) + " where a network exists" if hub_names else ""}')
-    return value, sha256(value)
+    return str(value), sha256(value)
 
 
 def load_clip(args, grid):

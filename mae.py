@@ -114,7 +114,7 @@ class ViT(nn.Module):
     """The encoder: patch embedding + fixed position code, a learned cls token, pre-norm blocks, final norm."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 drop_path=0.0):
+                 drop_path=0.0, class_token=True):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f'image size {img_size} is not divisible by patch size {patch_size}')
@@ -122,8 +122,10 @@ class ViT(nn.Module):
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, *self.grid_size), requires_grad=False)
+        self.num_prefix_tokens = 1 if class_token else 0  # timm's name; MCMAE has no cls token
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        pos_embed = sincos_pos_embed(embed_dim, *self.grid_size)[:, 1 - self.num_prefix_tokens:]
+        self.pos_embed = nn.Parameter(pos_embed, requires_grad=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rate)
                                     for rate in drop_path_rates(drop_path, depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -146,12 +148,14 @@ class ViT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def prepend_cls(self, x):
+        if self.cls_token is None:
+            return x
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
     def embed(self, imgs):
         """(B, 3, H, W) -> (B, 1 + L, D): patch embedding plus position code, cls first."""
-        return self.prepend_cls(self.patch_embed(imgs) + self.pos_embed[:, 1:])
+        return self.prepend_cls(self.patch_embed(imgs) + self.pos_embed[:, self.num_prefix_tokens:])
 
     def forward_blocks(self, imgs):
         """All tokens of the unmasked image after the last block, before the final norm: (B, 1 + L, D)."""
@@ -231,12 +235,14 @@ class MAE(ViT):
     """Masked autoencoder (MAE §3): encode a random 25% of the patches, reconstruct the rest's pixels."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512,
-                 decoder_depth=8, decoder_heads=16, mlp_ratio=4.0, norm_pix_loss=True, drop_path=0.0, pred_dim=None):
-        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path)
+                 decoder_depth=8, decoder_heads=16, mlp_ratio=4.0, norm_pix_loss=True, drop_path=0.0, pred_dim=None,
+                 class_token=True):
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path, class_token)
         self.norm_pix_loss = norm_pix_loss
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_dim, *self.grid_size), requires_grad=False)
+        pos_embed = sincos_pos_embed(decoder_dim, *self.grid_size)[:, 1 - self.num_prefix_tokens:]
+        self.decoder_pos_embed = nn.Parameter(pos_embed, requires_grad=False)
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio, rate)
                                             for rate in drop_path_rates(drop_path, decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
@@ -274,24 +280,27 @@ class MAE(ViT):
         x = x.reshape(x.shape[0], h, w, p, p, 3)
         return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], 3, h * p, w * p)
 
-    def random_masking(self, x, mask_ratio, noise=None):
-        """Keep a random K = int(L * (1 - mask_ratio)) tokens per sample: those with the smallest noise.
-        x: (B, L, D) -> x_visible (B, K, D), mask (B, L) with 1 = hidden, ids_restore (B, L)."""
-        B, L, D = x.shape
+    def sample_mask(self, batch_size, mask_ratio, noise=None, device=None):
+        """Keep a random K = int(L * (1 - mask_ratio)) tokens per sample: those with the smallest noise (B, L).
+        -> ids_keep (B, K), mask (B, L) with 1 = hidden, ids_restore (B, L) that undoes the shuffle."""
+        L = self.num_patches
         len_keep = int(L * (1 - mask_ratio))
         if noise is None:
-            noise = torch.rand(B, L, device=x.device)
+            noise = torch.rand(batch_size, L, device=device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        mask = torch.ones(B, L, device=x.device)
+        mask = torch.ones(batch_size, L, device=noise.device)
         mask[:, :len_keep] = 0
-        return x_visible, torch.gather(mask, 1, ids_restore), ids_restore
+        return ids_shuffle[:, :len_keep], torch.gather(mask, 1, ids_restore), ids_restore
+
+    def random_masking(self, x, mask_ratio, noise=None):
+        """x: (B, L, D) -> x_visible (B, K, D), mask (B, L) with 1 = hidden, ids_restore (B, L)."""
+        ids_keep, mask, ids_restore = self.sample_mask(x.shape[0], mask_ratio, noise, x.device)
+        return gather_tokens(x, ids_keep), mask, ids_restore
 
     def embed_visible(self, imgs, mask_ratio, noise=None):
         """Patch embedding plus position code, then only the visible tokens, cls first: (B, 1 + K, D)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x = self.patch_embed(imgs) + self.pos_embed[:, self.num_prefix_tokens:]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         return self.prepend_cls(x), mask, ids_restore
 
@@ -306,11 +315,10 @@ class MAE(ViT):
         """Visible tokens plus one shared mask token per hidden patch, back in image order (MAE §3, "MAE
         decoder"): (B, 1 + K, D) -> (B, 1 + L, pred_dim), the cls slot included (dBOT predicts it too)."""
         x = self.decoder_embed(x)
-        B, L = ids_restore.shape
-        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        (B, L), n = ids_restore.shape, self.num_prefix_tokens
+        mask_tokens = self.mask_token.expand(B, L + n - x.shape[1], -1)
+        patches = gather_tokens(torch.cat([x[:, n:], mask_tokens], dim=1), ids_restore)
+        x = torch.cat([x[:, :n], patches], dim=1) + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))
@@ -331,7 +339,7 @@ class MAE(ViT):
 
     def forward(self, imgs, mask_ratio=0.75, noise=None, targets=None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)[:, 1:]  # the cls slot has no pixels to predict
+        pred = self.forward_decoder(latent, ids_restore)[:, self.num_prefix_tokens:]  # cls has no pixels
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     @torch.no_grad()
@@ -346,6 +354,11 @@ class MAE(ViT):
         if self.norm_pix_loss:
             caption += " (each predicted patch shown with the mean/std of the original patch)"
         return [denormalize(row) for row in rows], caption
+
+
+def gather_tokens(x, ids):
+    """x (B, L, D), ids (B, K) -> x[b, ids[b]] (B, K, D)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def whiten(tokens):

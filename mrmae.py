@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from mae import MAE, build_vit, read_encoder_state_dict, whiten
+from mae import MAE, build_vit, gather_tokens, read_encoder_state_dict, whiten
 
 
 class FrozenViT(nn.Module):
@@ -190,16 +190,15 @@ def load_teachers(args, state=None):
     return MimicTeachers(teachers, sources, focus)
 
 
-class MRMAE(MAE):
-    def __init__(self, teacher_dims, mimic_weight=1.0, fusion_layers=0, focused_mimic=False, **kwargs):
-        super().__init__(**kwargs)
-        width = self.cls_token.shape[-1]
+class Mimic:
+    """What MR-MAE adds to a masked autoencoder (MAE here; MCMAE in mcmae.py): frozen teachers, one linear head per
+    teacher on the encoder's visible tokens, and the mimic loss beside the pixel reconstruction. The model's
+    forward_encoder returns (latent, mimic_input, mask, ids_restore)."""
+
+    def add_mimic_heads(self, teacher_dims, mimic_weight, focused_mimic):
+        width = self.norm.normalized_shape[0]
         self.mimic_weight, self.focused_mimic = mimic_weight, focused_mimic
         self.mimic_heads = nn.ModuleDict({name: nn.Linear(width, dim) for name, dim in teacher_dims.items()})
-        # Multi-layer fusion (our reading; the paper's details are unverified): the heads see a learned softmax mix of
-        # the last K blocks' outputs instead of the last block's alone.
-        self.fusion_logits = nn.Parameter(torch.zeros(fusion_layers)) if fusion_layers else None
-        self.initialize_weights()  # again: the heads did not exist when MAE's __init__ ran it
 
     @classmethod
     def build_teacher(cls, args, state=None):
@@ -212,6 +211,39 @@ class MRMAE(MAE):
 
     def teacher_state(self, teacher):
         return teacher.sources  # names and file hashes: the teachers' weights never enter our checkpoints
+
+    def mimic_loss(self, visible_tokens, features, ids_keep):
+        """Per teacher: MSE between its head's prediction from the visible tokens (B, K, D) and its whitened
+        features at the same positions (MSE and the whitening are our reading; the paper leaves them open)."""
+        return {name: F.mse_loss(head(visible_tokens).float(), gather_tokens(whiten(features[name]), ids_keep))
+                for name, head in self.mimic_heads.items()}
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, targets=None):
+        if self.focused_mimic and noise is None:
+            # Focused mimicking (our reading; unverified): keep K tokens sampled without replacement in proportion
+            # to the teacher's [CLS] attention. An exponential race does it: token i draws E_i / a_i with
+            # E_i ~ Exp(1), and the K smallest draws, which the masking keeps, are such a sample.
+            attention = targets['attention'].float()
+            noise = torch.empty_like(attention).exponential_() / attention.clamp_min(1e-12)
+        latent, mimic_input, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        n = self.num_prefix_tokens
+        pred = self.forward_decoder(latent, ids_restore)[:, n:]
+        loss_rec = self.forward_loss(imgs, pred, mask)  # hidden tokens only
+        ids_keep = ids_restore.argsort(dim=1)[:, :latent.shape[1] - n]  # visible tokens, in the encoder's order
+        mimic = self.mimic_loss(mimic_input[:, n:], targets['features'], ids_keep)  # visible tokens only
+        loss = loss_rec + self.mimic_weight * sum(mimic.values())
+        self.loss_terms = dict(loss_rec=loss_rec.detach(), **{f'loss_mimic_{k}': v.detach() for k, v in mimic.items()})
+        return loss, pred, mask
+
+
+class MRMAE(Mimic, MAE):
+    def __init__(self, teacher_dims, mimic_weight=1.0, fusion_layers=0, focused_mimic=False, **kwargs):
+        super().__init__(**kwargs)
+        self.add_mimic_heads(teacher_dims, mimic_weight, focused_mimic)
+        # Multi-layer fusion (our reading; the paper's details are unverified): the heads see a learned softmax mix of
+        # the last K blocks' outputs instead of the last block's alone.
+        self.fusion_logits = nn.Parameter(torch.zeros(fusion_layers)) if fusion_layers else None
+        self.initialize_weights()  # again: the heads did not exist when MAE's __init__ ran it
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """MAE's encoder, also returning what the mimic heads see: (latent, mimic_input, mask, ids_restore), both
@@ -226,32 +258,6 @@ class MRMAE(MAE):
             return latent, latent, mask, ids_restore
         mixed = sum(w * h for w, h in zip(self.fusion_logits.softmax(dim=0), outputs[-len(self.fusion_logits):]))
         return latent, self.norm(mixed), mask, ids_restore
-
-    def mimic_loss(self, visible_tokens, features, ids_keep):
-        """Per teacher: MSE between its head's prediction from the visible tokens (B, K, D) and its whitened
-        features at the same positions (MSE and the whitening are our reading; the paper leaves them open)."""
-        terms = {}
-        for name, head in self.mimic_heads.items():
-            target = whiten(features[name])
-            target = torch.gather(target, 1, ids_keep.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
-            terms[name] = F.mse_loss(head(visible_tokens).float(), target)
-        return terms
-
-    def forward(self, imgs, mask_ratio=0.75, noise=None, targets=None):
-        if self.focused_mimic and noise is None:
-            # Focused mimicking (our reading; unverified): keep K tokens sampled without replacement in proportion
-            # to the teacher's [CLS] attention. An exponential race does it: token i draws E_i / a_i with
-            # E_i ~ Exp(1), and the K smallest draws, which random_masking keeps, are such a sample.
-            attention = targets['attention'].float()
-            noise = torch.empty_like(attention).exponential_() / attention.clamp_min(1e-12)
-        latent, mimic_input, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)[:, 1:]
-        loss_rec = self.forward_loss(imgs, pred, mask)  # hidden tokens only
-        ids_keep = ids_restore.argsort(dim=1)[:, :latent.shape[1] - 1]  # visible tokens, in the encoder's order
-        mimic = self.mimic_loss(mimic_input[:, 1:], targets['features'], ids_keep)  # visible tokens only
-        loss = loss_rec + self.mimic_weight * sum(mimic.values())
-        self.loss_terms = dict(loss_rec=loss_rec.detach(), **{f'loss_mimic_{k}': v.detach() for k, v in mimic.items()})
-        return loss, pred, mask
 
 
 def save_standin_weights(folder, clip_model='ViT-S-16', dino_model='vit_small_patch16_224.dino'):

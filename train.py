@@ -33,9 +33,11 @@ from tqdm import tqdm
 
 import dbot
 import mae
+import mcmae
 import mrmae
 
-METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'dbot': dbot.DBOT}
+METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'mcmae': mcmae.MCMAE, 'mrmcmae': mcmae.MRMCMAE,
+           'dbot': dbot.DBOT}
 
 
 def get_args_parser():
@@ -353,11 +355,11 @@ def main(args):
     ckpt = load_checkpoint(resume) if args.resume or resume.exists() else None
     method = METHODS[args.method]
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    try:
+    try:  # impossible configurations surface as ValueError from the method: one line, no traceback
         teacher = method.build_teacher(args, ckpt['teacher'] if ckpt else None)
+        model = method.from_args(args, teacher).to(device)
     except ValueError as e:
         fail(e)
-    model = method.from_args(args, teacher).to(device)
     teacher = teacher.to(device) if teacher is not None else None
     raw_model = model
     eff_batch = args.batch_size * args.accum_iter * world_size

@@ -233,6 +233,7 @@ def build_vit(state_dict, img_size, vit_class=ViT, num_heads=None):
 
 class MAE(ViT):
     """Masked autoencoder (MAE §3): encode a random 25% of the patches, reconstruct the rest's pixels."""
+    encoder_class = ViT  # what fine-tuning keeps: the encoder alone
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512,
                  decoder_depth=8, decoder_heads=16, mlp_ratio=4.0, norm_pix_loss=True, drop_path=0.0, pred_dim=None,

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 
-from mae import MAE, drop_path_rates, gather_tokens
+from mae import MAE, ViT, drop_path_rates, gather_tokens
 from mrmae import Mimic
 
 
@@ -68,7 +68,7 @@ class MaskedConvBlock(nn.Module):
 
 class ConvStages(nn.Module):
     """Stages 1-2 and the stage-3 embedding. (B, 3, H, W) and the visible mask on the stage-3 grid (B, 1, h, w) ->
-    stage-3 tokens (B, L, D3) and the fused stage-1/2 features at the same positions (B, L, D3)."""
+    stage-3 tokens (B, L, D3), and the stage-1 and stage-2 maps (for the multi-scale fusion of pre-training)."""
 
     def __init__(self, patch_size, dims, drop_path=0.0, depths=(2, 2)):
         super().__init__()
@@ -81,41 +81,58 @@ class ConvStages(nn.Module):
         self.norm = LayerNorm2d(dims[2], eps=1e-6)
         self.act = nn.GELU()
         self.linear = nn.Linear(dims[2], dims[2])
-        self.fuse1 = nn.Conv2d(dims[0], dims[2], kernel_size=4, stride=4)  # multi-scale fusion: stage 1 -> 1/16
-        self.fuse2 = nn.Conv2d(dims[1], dims[2], kernel_size=2, stride=2)  # stage 2 -> 1/16
 
     def forward(self, imgs, visible):
         x, visible2 = self.stem1(imgs), visible.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
         visible1 = visible2.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
         for block in self.stage1:
             x = block(x, visible1)
-        fused = self.fuse1(x)
+        stage1 = x
         x = self.stem2(x)
         for block in self.stage2:
             x = block(x, visible2)
-        fused = fused + self.fuse2(x)
+        stage2 = x
         x = self.act(self.norm(self.proj(x)))
-        return self.linear(x.flatten(2).transpose(1, 2)), fused.flatten(2).transpose(1, 2)
+        return self.linear(x.flatten(2).transpose(1, 2)), stage1, stage2
 
 
-class MCMAE(MAE):
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, drop_path=0.0, **kwargs):
+class ConvViT(ViT):
+    """The hybrid encoder alone, as fine-tuning uses it: conv stages, then depth - 1 transformer blocks on all
+    tokens; no cls token (ConvMAE v1). Arguments as ViT's, so that the sizes follow the --model names."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 drop_path=0.0, class_token=False):
         if patch_size % 4:
-            raise ValueError(f'mcmae: --patch_size {patch_size} (the overall stride) must be divisible by 4')
-        super().__init__(img_size, patch_size, embed_dim, depth - 1, num_heads, drop_path=drop_path,
-                         class_token=False, **kwargs)
+            raise ValueError(f'--patch_size {patch_size}: the hybrid encoder\'s overall stride must be divisible by 4')
+        super().__init__(img_size, patch_size, embed_dim, depth - 1, num_heads, mlp_ratio, drop_path,
+                         class_token=False)
         self.patch_embed = ConvStages(patch_size, (embed_dim // 3, embed_dim // 2, embed_dim), drop_path)
-        self.initialize_weights()  # again, for the convolution stages
+
+    def embed(self, imgs):  # every position visible
+        visible = imgs.new_ones(imgs.shape[0], 1, *self.grid_size)
+        return self.patch_embed(imgs, visible)[0] + self.pos_embed
+
+
+class MCMAE(MAE, ConvViT):  # MAE's decoder and loss on the hybrid encoder
+    encoder_class = ConvViT
+
+    def __init__(self, embed_dim=768, **kwargs):
+        super().__init__(embed_dim=embed_dim, **kwargs)
+        dims = (embed_dim // 3, embed_dim // 2, embed_dim)
+        self.fuse1 = nn.Conv2d(dims[0], dims[2], kernel_size=4, stride=4)  # multi-scale fusion: stage 1 -> 1/16
+        self.fuse2 = nn.Conv2d(dims[1], dims[2], kernel_size=2, stride=2)  # stage 2 -> 1/16
+        self.initialize_weights()  # again, for the fusion convolutions
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """Block-wise masking on the stage-3 grid; dense masked-conv stages; transformer on the visible tokens;
         fused stage-1/2 features added before the final norm: (B, K, D), mask (B, L), ids_restore (B, L)."""
         ids_keep, mask, ids_restore = self.sample_mask(imgs.shape[0], mask_ratio, noise, imgs.device)
         visible = (1 - mask).view(-1, 1, *self.grid_size)
-        tokens, fused = self.patch_embed(imgs, visible)
+        tokens, stage1, stage2 = self.patch_embed(imgs, visible)
         x = gather_tokens(tokens + self.pos_embed, ids_keep)
         for block in self.blocks:
             x = block(x)
+        fused = (self.fuse1(stage1) + self.fuse2(stage2)).flatten(2).transpose(1, 2)
         return self.norm(x + gather_tokens(fused, ids_keep)), mask, ids_restore
 
 

@@ -200,16 +200,17 @@ def read_encoder_state_dict(path):
     return encoder_state_dict(state)
 
 
-def resize_pos_embed(pos_embed, grid_size):
-    """Bicubic resampling of a (1, 1 + N, D) position embedding from its square grid to grid_size, e.g. for a
+def resize_pos_embed(pos_embed, grid_size, num_prefix_tokens=1):
+    """Bicubic resampling of a (1, prefix + N, D) position embedding from its square grid to grid_size, e.g. for a
     teacher trained at 224 px used on 64 px images (MAE fine-tuning does the same at a new resolution)."""
-    n = pos_embed.shape[1] - 1
+    n = pos_embed.shape[1] - num_prefix_tokens
     if n == grid_size[0] * grid_size[1]:
         return pos_embed
     side = int(n ** 0.5)
-    patches = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = pos_embed[:, num_prefix_tokens:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     patches = F.interpolate(patches.float(), size=grid_size, mode='bicubic', align_corners=False)
-    return torch.cat([pos_embed[:, :1], patches.flatten(2).transpose(1, 2).to(pos_embed.dtype)], dim=1)
+    patches = patches.flatten(2).transpose(1, 2).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :num_prefix_tokens], patches], dim=1)
 
 
 def build_vit(state_dict, img_size, vit_class=ViT, num_heads=None):

@@ -207,12 +207,12 @@ def broadcast_parameters(module):
             dist.broadcast(tensor, src=0)
 
 
-def lr_at(step, total_steps, warmup_steps, peak_lr):
-    """Linear warmup, then half-cosine to zero, updated every optimizer step (MAE §A.1)."""
+def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
+    """Linear warmup, then half-cosine to min_lr (0 in pre-training), updated every optimizer step (MAE §A.1)."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def forward_backward(model, teacher, imgs, mask_ratio, autocast, loss_scale=1.0):

@@ -1,0 +1,388 @@
+"""
+Fine-tuning, linear probing and k-NN evaluation of an encoder pre-trained here (any method), a dBOT teacher file, or
+a timm-format ViT state dict; `--checkpoint none` trains the same architecture from scratch, the baseline.
+
+    python finetune.py --checkpoint output/checkpoint-last.pth --data /path/to/tiny-imagenet-200
+    python finetune.py --checkpoint output/checkpoint-last.pth --data ... --mode linprobe
+    python finetune.py --checkpoint output/checkpoint-last.pth --data ... --mode knn
+    torchrun --nproc_per_node 8 finetune.py --checkpoint ... --data /path/to/imagenet --img_size 224
+
+The defaults are MAE's recipes for base models (SPEC §5); README gives the small recipe for Tiny-ImageNet. Data,
+distributed set-up, checkpoints and the lr schedule are train.py's.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import train
+from mae import VIT_SIZES, ViT, build_vit, encoder_state_dict, read_encoder_state_dict, resize_pos_embed
+from train import fail
+
+# Per mode: MAE's fine-tuning recipe (§A.3: AdamW, layer decay, RandAugment, mixup/cutmix, label smoothing, random
+# erasing) and its linear probe (§A.4, with SGD + momentum instead of LARS). Explicit flags override these.
+MODE_DEFAULTS = {
+    'finetune': dict(epochs=100, warmup_epochs=5, blr=5e-4, weight_decay=0.05),
+    'linprobe': dict(epochs=90, warmup_epochs=10, blr=0.1, weight_decay=0.0),
+    'knn': dict(epochs=0, warmup_epochs=0, blr=0.0, weight_decay=0.0),
+}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Fine-tuning, linear probe and k-NN evaluation', add_help=True)
+    parser.add_argument('--checkpoint', required=True,
+                        help='train.py checkpoint (any method), dBOT teacher-stageK.pth, timm ViT state dict, or none')
+    parser.add_argument('--mode', default='finetune', choices=sorted(MODE_DEFAULTS))
+    parser.add_argument('--data', required=True, help='as train.py: cifar10, cifar100, or an ImageFolder with val/')
+    parser.add_argument('--data_dir', default='./data')
+    parser.add_argument('--num_workers', default=min(8, os.cpu_count()), type=int)
+    # architecture: from the checkpoint; these only for --checkpoint none (or to change the resolution)
+    parser.add_argument('--method', default='mae', choices=sorted(train.METHODS),
+                        help='--checkpoint none: whose encoder to build (mcmae/mrmcmae: the hybrid)')
+    parser.add_argument('--model', default=None, choices=sorted(VIT_SIZES))
+    parser.add_argument('--patch_size', default=None, type=int)
+    parser.add_argument('--img_size', default=None, type=int, help='default: the pre-training size; '
+                        'a different one resamples the position embedding (bicubic)')
+    parser.add_argument('--nb_classes', default=None, type=int, help='default: inferred from the data')
+    # optimisation (defaults per --mode, see MODE_DEFAULTS)
+    parser.add_argument('--epochs', default=None, type=int)
+    parser.add_argument('--warmup_epochs', default=None, type=int)
+    parser.add_argument('--batch_size', default=128, type=int, help='per process')
+    parser.add_argument('--blr', default=None, type=float, help='lr = blr * batch / 256 (dBOT fine-tunes with 3e-4)')
+    parser.add_argument('--lr', default=None, type=float)
+    parser.add_argument('--min_lr', default=1e-6, type=float)
+    parser.add_argument('--weight_decay', default=None, type=float)
+    parser.add_argument('--layer_decay', default=0.65, type=float, help='0.65 base, 0.75 large/huge')
+    parser.add_argument('--drop_path', default=0.1, type=float)
+    parser.add_argument('--clip_grad', default=None, type=float)
+    # fine-tuning augmentation (timm's implementations)
+    parser.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='RandAugment policy')
+    parser.add_argument('--reprob', default=0.25, type=float, help='random erasing probability')
+    parser.add_argument('--mixup', default=0.8, type=float)
+    parser.add_argument('--cutmix', default=1.0, type=float)
+    parser.add_argument('--smoothing', default=0.1, type=float)
+    parser.add_argument('--crop_pct', default=224 / 256, type=float, help='evaluation centre crop (1.0 for tiny images)')
+    # linear probe and k-NN
+    parser.add_argument('--pool', default=None, choices=['cls', 'mean'],
+                        help='frozen features: cls token (default for ViTs) or mean of the patch tokens')
+    parser.add_argument('--knn_k', default=20, type=int)
+    parser.add_argument('--knn_t', default=0.07, type=float, help='temperature of the k-NN vote weights')
+    # system and output
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--output_dir', default='./output/finetune')
+    parser.add_argument('--resume', default='')
+    parser.add_argument('--export_timm', default=None, help='write the encoder (with its head after fine-tuning) as '
+                        'a timm VisionTransformer state dict')
+    return parser
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The encoder and the classifier
+
+def load_encoder(args):
+    """The encoder, with its pre-trained weights: the architecture comes from the checkpoint's saved args (ours), or
+    from the weights of a timm-format ViT state dict. Fills in args.model/patch_size/img_size."""
+    pretrain, state = {}, None
+    if args.checkpoint != 'none':
+        checkpoint = train.load_checkpoint(args.checkpoint)
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get('args'), dict):
+            pretrain, state = checkpoint['args'], encoder_state_dict(checkpoint['model'])
+        else:
+            try:  # a timm-format ViT (e.g. an --export_timm file, or DINO's): the weights tell the architecture
+                state = read_encoder_state_dict(args.checkpoint)
+            except ValueError as e:
+                fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
+            vit = build_vit(state, args.img_size or 224)
+            pretrain = dict(method='mae', patch_size=vit.patch_size, img_size=args.img_size or 224,
+                            model=next((n for n, s in VIT_SIZES.items() if s['embed_dim'] == vit.cls_token.shape[-1]
+                                        and s['depth'] == len(vit.blocks)), None))
+            if pretrain['model'] is None:
+                fail(f'--checkpoint {args.checkpoint}: a ViT of width {vit.cls_token.shape[-1]} and depth '
+                     f'{len(vit.blocks)} matches none of {sorted(VIT_SIZES)}')
+    args.method = pretrain.get('method', args.method)
+    for key in ('model', 'patch_size', 'img_size'):
+        if getattr(args, key) is None:
+            setattr(args, key, pretrain.get(key))
+    if None in (args.model, args.patch_size, args.img_size):
+        fail('--checkpoint none needs --model, --patch_size and --img_size')
+    encoder_class = train.METHODS[args.method].encoder_class
+    try:
+        encoder = encoder_class(args.img_size, args.patch_size, **VIT_SIZES[args.model],
+                                drop_path=args.drop_path if args.mode == 'finetune' else 0.0)
+    except ValueError as e:
+        fail(e)
+    if state is None:
+        encoder.initialize_weights()
+        return encoder
+    state['pos_embed'] = resize_pos_embed(state['pos_embed'], encoder.grid_size, encoder.num_prefix_tokens)
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        fail(f'--checkpoint {args.checkpoint} does not fit {encoder_class.__name__} {args.model}/{args.patch_size}: '
+             + ' '.join(str(e).split())[:600])
+    return encoder
+
+
+class Classifier(nn.Module):
+    """Fine-tuning (MAE §A.3): the mean of the last block's patch tokens, a LayerNorm (fc_norm) and a linear head;
+    the encoder's final norm goes unused, so it is dropped (timm's global_pool='avg' layout). Linear probe (§A.4):
+    frozen features after the final norm (cls token or mean), a BatchNorm without affine, and a linear head."""
+
+    def __init__(self, encoder, num_classes, mode, pool):
+        super().__init__()
+        self.encoder, self.mode, self.pool = encoder, mode, pool
+        width = encoder.norm.normalized_shape[0]
+        if mode == 'finetune':
+            encoder.norm = nn.Identity()
+            self.fc_norm = nn.LayerNorm(width, eps=1e-6)
+        else:
+            encoder.requires_grad_(False)
+            self.fc_norm = nn.BatchNorm1d(width, affine=False, eps=1e-6)
+        self.head = nn.Linear(width, num_classes)
+        trunc_normal_(self.head.weight, std=2e-5 if mode == 'finetune' else 0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, imgs):
+        n = self.encoder.num_prefix_tokens
+        tokens = self.encoder.forward_features(imgs)  # the final norm is an Identity when fine-tuning
+        return tokens[:, 0] if self.pool == 'cls' and self.mode != 'finetune' else tokens[:, n:].mean(dim=1)
+
+    def forward(self, imgs):
+        return self.head(self.fc_norm(self.features(imgs)))
+
+
+def layer_id(name, num_layers):
+    """Layer-wise lr decay (BEiT, MAE §A.3): the embeddings, and for the hybrid every convolution stage, are layer 0;
+    block i is layer i + 1; the head and norms are the top layer."""
+    if name.startswith(('encoder.cls_token', 'encoder.pos_embed', 'encoder.patch_embed')):
+        return 0
+    if name.startswith('encoder.blocks.'):
+        return int(name.split('.')[2]) + 1
+    return num_layers
+
+
+def param_groups_layer_decay(model, weight_decay, layer_decay):
+    num_layers = len(model.encoder.blocks) + 1
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer, no_decay = layer_id(name, num_layers), param.ndim < 2 or name.endswith('token')
+        group = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
+                                                         lr_scale=layer_decay ** (num_layers - layer)))
+        group['params'].append(param)
+    return list(groups.values())
+
+
+def export_timm(model, encoder, path):
+    """timm's VisionTransformer names: fine-tuned, the global_pool='avg' layout (fc_norm + head); else the encoder."""
+    if type(encoder) is not ViT:
+        fail(f'--export_timm: timm has no {type(encoder).__name__}; only ViT encoders export')
+    state = {k.removeprefix('encoder.'): v for k, v in model.state_dict().items()} if model else encoder.state_dict()
+    train.save_checkpoint(state, Path(path))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast):
+    """Cross-entropy, top-1 and top-5 accuracy (%), summed over all ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=device)  # loss, top-1, top-5, count
+    for imgs, labels in loader:
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(imgs)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction='sum'),
+                             (top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(dim=1).sum(),
+                             torch.tensor(len(labels), device=device)]).float()
+    if train.dist.is_initialized():
+        train.dist.all_reduce(sums)
+    loss, top1, top5, count = sums.tolist()
+    return dict(val_loss=loss / count, val_acc1=100 * top1 / count, val_acc5=100 * top5 / count)
+
+
+@torch.no_grad()
+def knn_evaluate(classifier, train_loader, val_loader, num_classes, k, temperature, device):
+    """Weighted k-NN on L2-normalised frozen features (as DINO): each of the k most cosine-similar training images
+    votes for its class with weight exp(similarity / temperature)."""
+    classifier.eval()
+
+    def extract(loader):
+        features, labels = zip(*[(F.normalize(classifier.features(x.to(device)).float(), dim=1), y.to(device))
+                                 for x, y in loader])
+        return torch.cat(features), torch.cat(labels)
+
+    bank, bank_labels = extract(train_loader)
+    queries, query_labels = extract(val_loader)
+    top1 = top5 = 0
+    for start in range(0, len(queries), 256):
+        similarity, neighbours = (queries[start:start + 256] @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes = torch.zeros(len(similarity), num_classes, device=device)
+        votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
+        predictions = votes.topk(min(5, num_classes), dim=1).indices
+        truth = query_labels[start:start + 256]
+        top1 += (predictions[:, 0] == truth).sum().item()
+        top5 += (predictions == truth[:, None]).any(dim=1).sum().item()
+    return dict(val_acc1=100 * top1 / len(queries), val_acc5=100 * top5 / len(queries))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    for key, value in MODE_DEFAULTS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    rank, world_size, device = train.init_distributed(args.device)
+    is_main = rank == 0
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f'--output_dir {out} is not writable ({e})')
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    torch.manual_seed(args.seed)
+
+    encoder = load_encoder(args)
+    if args.pool is None:
+        args.pool = 'cls' if encoder.num_prefix_tokens else 'mean'
+    if args.pool == 'cls' and not encoder.num_prefix_tokens:
+        fail(f'--pool cls: the {args.method} encoder has no cls token; use --pool mean')
+    mean_std = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation='bicubic')
+    eval_tf = create_transform(args.img_size, is_training=False, crop_pct=args.crop_pct, **mean_std)
+    if args.mode == 'finetune':
+        train_tf = create_transform(args.img_size, is_training=True, auto_augment=args.aa, color_jitter=None,
+                                    re_prob=args.reprob, re_mode='pixel', re_count=1, **mean_std)
+    elif args.mode == 'linprobe':  # random crops and flips only, as MAE's linear probe
+        train_tf = create_transform(args.img_size, is_training=True, color_jitter=None, **mean_std)
+    else:
+        train_tf = eval_tf
+    train_set = train.build_dataset(args, 'train', train_tf)
+    val_set = train.build_dataset(args, 'val', eval_tf)
+    if val_set is None:
+        fail(f'--data {args.data}: no val/ folder to evaluate on')
+    num_classes = args.nb_classes or len(train_set.classes)
+    model = Classifier(encoder, num_classes, args.mode, args.pool).to(device)
+
+    if args.mode == 'knn':
+        if world_size > 1:
+            fail('--mode knn runs in one process (it trains nothing)')
+        loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+        result = knn_evaluate(model, DataLoader(train_set, **loader_kw), DataLoader(val_set, **loader_kw),
+                              num_classes, args.knn_k, args.knn_t, device)
+        with open(out / 'log.jsonl', 'a') as f:
+            f.write(json.dumps(dict(mode='knn', k=args.knn_k, **result)) + '\n')
+        print(f'k-NN (k={args.knn_k}): top-1 {result["val_acc1"]:.2f}%, top-5 {result["val_acc5"]:.2f}%')
+        if args.export_timm:
+            export_timm(None, encoder, args.export_timm)
+        return
+
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == 'cuda', drop_last=True)
+    # Evaluation shards the validation set; DistributedSampler pads the last shard by repeating a few images.
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                            sampler=DistributedSampler(val_set, world_size, rank, shuffle=False))
+    if len(loader) == 0:
+        fail(f'{len(train_set)} images are too few for {world_size} process(es) x --batch_size {args.batch_size}')
+    mixup = None
+    if args.mode == 'finetune' and (args.mixup > 0 or args.cutmix > 0):
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+    criterion = (SoftTargetCrossEntropy() if mixup else
+                 LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 and args.mode == 'finetune' else
+                 nn.CrossEntropyLoss())
+
+    eff_batch = args.batch_size * world_size
+    peak_lr = args.lr or args.blr * eff_batch / 256
+    if args.mode == 'finetune':
+        optimizer = torch.optim.AdamW(param_groups_layer_decay(model, args.weight_decay, args.layer_decay),
+                                      lr=peak_lr, fused=device.type == 'cuda')
+    else:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=0.9,
+                                    weight_decay=args.weight_decay)
+    start_epoch, best_acc1 = 0, 0.0
+    resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
+    if args.resume or resume.exists():
+        ckpt = train.load_checkpoint(resume)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start_epoch, best_acc1 = ckpt['epoch'], ckpt['best_acc1']
+        if is_main:
+            print(f'resumed from {resume} at epoch {start_epoch}')
+            train.truncate_log(out / 'log.jsonl', start_epoch)
+    raw_model = model
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if is_main:
+        print(f'{args.mode} {args.method}/{args.model} from {args.checkpoint}: {num_classes} classes, '
+              f'{len(train_set)} training images, effective batch {eff_batch}, peak lr {peak_lr:.3g}')
+
+    steps_per_epoch = len(loader)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    for epoch in range(start_epoch, args.epochs):
+        torch.manual_seed(hash((args.seed, epoch, rank)))  # as train.py: resume without stored RNG state
+        sampler.set_epoch(epoch)
+        model.train()
+        if args.mode == 'linprobe':
+            raw_model.encoder.eval()  # frozen features
+        loss_sum, epoch_start = torch.zeros((), device=device), time.perf_counter()
+        for step, (imgs, labels) in enumerate(tqdm(loader, desc=f'epoch {epoch}', disable=not is_main)):
+            lr = train.lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, peak_lr, args.min_lr)
+            for group in optimizer.param_groups:
+                group['lr'] = lr * group.get('lr_scale', 1.0)
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if mixup:
+                imgs, labels = mixup(imgs, labels)
+            with autocast:
+                loss = criterion(model(imgs), labels)
+            loss.backward()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        train_loss = train.all_reduce_mean(loss_sum / steps_per_epoch).item()
+        if not math.isfinite(train_loss):
+            fail(f'training loss is {train_loss} in epoch {epoch}; the last good checkpoint is {resume}')
+        row = dict(epoch=epoch, train_loss=train_loss, lr=lr,
+                   img_per_s=round(steps_per_epoch * eff_batch / (time.perf_counter() - epoch_start), 1),
+                   **evaluate(model, val_loader, device, autocast))
+        if is_main:
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                         best_acc1=max(best_acc1, row['val_acc1']), args=vars(args))
+            if row['val_acc1'] > best_acc1:
+                train.save_checkpoint(state, out / 'checkpoint-best.pth')
+            train.save_checkpoint(state, out / 'checkpoint-last.pth')
+            with open(out / 'log.jsonl', 'a') as f:
+                f.write(json.dumps(row) + '\n')
+            tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+        best_acc1 = max(best_acc1, row['val_acc1'])
+        train.barrier()
+    if is_main:
+        print(f'best val top-1: {best_acc1:.2f}%')
+        if args.export_timm:
+            export_timm(raw_model if args.mode == 'finetune' else None, raw_model.encoder, args.export_timm)
+    if train.dist.is_initialized():
+        train.dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(get_args_parser().parse_args())

@@ -1,0 +1,125 @@
+"""finetune.py: loading every method's encoder, the timm export, layer-decay groups, and the three modes."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import finetune
+import mrmae
+import train
+from mcmae import ConvViT
+
+DOCUMENTED_EXTRAS = ('decoder_', 'mask_token', 'mimic_heads.', 'fusion_logits', 'fuse1.', 'fuse2.')
+
+
+def pretrain_args(method, standin, *extra):
+    return train.get_args_parser().parse_args([
+        '--method', method, '--model', 'vit_tiny', '--img_size', '32', '--patch_size', '8', '--decoder_dim', '32',
+        '--decoder_depth', '1', '--clip_model', 'ViT-S-16', '--clip_weights', str(standin[0]),
+        '--dino_model', 'vit_small_patch16_224.dino', '--dino_weights', str(standin[1]), *extra])
+
+
+@pytest.fixture(scope='module')
+def standin(tmp_path_factory):
+    return mrmae.save_standin_weights(tmp_path_factory.mktemp('teachers'))
+
+
+def ft_args(checkpoint, data, output_dir, *extra):
+    return finetune.get_args_parser().parse_args([
+        '--checkpoint', str(checkpoint), '--data', str(data), '--output_dir', str(output_dir), '--batch_size', '4',
+        '--epochs', '1', '--warmup_epochs', '1', '--num_workers', '0', '--device', 'cpu', '--crop_pct', '1.0',
+        *extra])
+
+
+@pytest.mark.parametrize('method', sorted(train.METHODS))
+def test_every_methods_encoder_loads_with_only_documented_keys_left_over(method, standin, tmp_path):
+    args = pretrain_args(method, standin)
+    model_class = train.METHODS[method]
+    model = model_class.from_args(args, model_class.build_teacher(args))
+    torch.save(dict(model=model.state_dict(), args=vars(args)), tmp_path / 'checkpoint.pth')
+    encoder = finetune.load_encoder(ft_args(tmp_path / 'checkpoint.pth', 'unused', tmp_path))
+    assert type(encoder) is model_class.encoder_class
+    left_over = set(model.state_dict()) - set(encoder.state_dict())
+    assert all(key.startswith(DOCUMENTED_EXTRAS) for key in left_over), left_over
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_finetuned_export_gives_the_same_logits_in_timm(tmp_path):
+    torch.manual_seed(0)
+    encoder = finetune.load_encoder(ft_args('none', 'unused', tmp_path, '--model', 'vit_tiny', '--patch_size', '8',
+                                            '--img_size', '32'))
+    model = finetune.Classifier(encoder, 5, 'finetune', 'mean').eval()
+    with torch.no_grad():
+        model.head.weight.normal_()  # a head that says something
+        model.fc_norm.weight.normal_(1.0, 0.1)
+    finetune.export_timm(model, encoder, tmp_path / 'timm.pth')
+    reference = timm.create_model('vit_tiny_patch16_224', pretrained=True, num_classes=5, global_pool='avg',
+                                  img_size=32, patch_size=8,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / 'timm.pth'), num_classes=5)).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(imgs), model(imgs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('encoder_class,blocks', [(None, 12), (ConvViT, 11)])
+def test_layer_decay_scales(encoder_class, blocks, tmp_path):
+    extra = ['--method', 'mcmae'] if encoder_class else []
+    encoder = finetune.load_encoder(ft_args('none', 'unused', tmp_path, '--model', 'vit_tiny', '--patch_size', '8',
+                                            '--img_size', '32', *extra))
+    model = finetune.Classifier(encoder, 3, 'finetune', 'mean')
+    groups = finetune.param_groups_layer_decay(model, 0.05, 0.5)
+    scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
+    named = dict(model.named_parameters())
+    top = blocks + 1
+    assert scale[id(named['encoder.patch_embed.proj.weight'])] == 0.5 ** top
+    assert scale[id(named['encoder.blocks.0.attn.qkv.weight'])] == 0.5 ** (top - 1)
+    assert scale[id(named[f'encoder.blocks.{blocks - 1}.mlp.fc2.weight'])] == 0.5
+    assert scale[id(named['head.weight'])] == scale[id(named['fc_norm.weight'])] == 1.0
+    if encoder_class:  # every convolution stage sits in the lowest group
+        conv = [p for n, p in named.items() if n.startswith('encoder.patch_embed.stage')]
+        assert conv and all(scale[id(p)] == 0.5 ** top for p in conv)
+    decays = {id(p): g['weight_decay'] for g in groups for p in g['params']}
+    assert decays[id(named['head.bias'])] == 0 and decays[id(named['head.weight'])] == 0.05
+
+
+@pytest.fixture(scope='module')
+def pretrained(image_folder, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp('pretrained')
+    train.main(train.get_args_parser().parse_args([
+        '--data', str(image_folder), '--output_dir', str(output_dir), '--model', 'vit_tiny', '--img_size', '32',
+        '--patch_size', '8', '--decoder_dim', '32', '--decoder_depth', '1', '--batch_size', '4', '--epochs', '1',
+        '--num_workers', '0', '--device', 'cpu']))
+    return output_dir / 'checkpoint-last.pth'
+
+
+@pytest.mark.parametrize('mode', ['finetune', 'linprobe'])
+def test_one_epoch_logs_validation_accuracy(mode, pretrained, image_folder, tmp_path, capsys):
+    finetune.main(ft_args(pretrained, image_folder, tmp_path, '--mode', mode))
+    rows = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert len(rows) == 1 and {'train_loss', 'val_loss', 'val_acc1', 'val_acc5'} <= set(rows[0])
+    assert 0 <= rows[0]['val_acc1'] <= 100
+    assert (tmp_path / 'checkpoint-best.pth').exists() and (tmp_path / 'checkpoint-last.pth').exists()
+    assert 'best val top-1' in capsys.readouterr().out
+
+
+def test_knn_logs_accuracy(pretrained, image_folder, tmp_path):
+    finetune.main(ft_args(pretrained, image_folder, tmp_path, '--mode', 'knn', '--knn_k', '3'))
+    row = json.loads((tmp_path / 'log.jsonl').read_text())
+    assert row['mode'] == 'knn' and 0 <= row['val_acc1'] <= 100
+
+
+def test_from_scratch_and_resume(image_folder, tmp_path):
+    scratch = ['--model', 'vit_tiny', '--patch_size', '8', '--img_size', '32', '--mixup', '0', '--cutmix', '0']
+    finetune.main(ft_args('none', image_folder, tmp_path, *scratch))
+    finetune.main(ft_args('none', image_folder, tmp_path, *scratch, '--epochs', '2'))
+    rows = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [row['epoch'] for row in rows] == [0, 1]
+
+
+def test_unknown_checkpoint_is_refused(tmp_path):
+    torch.save({'weights': torch.zeros(3)}, tmp_path / 'foreign.pth')
+    with pytest.raises(SystemExit, match='not a ViT encoder'):
+        finetune.load_encoder(ft_args(tmp_path / 'foreign.pth', 'unused', tmp_path))

@@ -9,6 +9,7 @@ import torch
 import finetune
 import mrmae
 import train
+from mae import resize_pos_embed
 from mcmae import ConvViT
 
 DOCUMENTED_EXTRAS = ('decoder_', 'mask_token', 'mimic_heads.', 'fusion_logits', 'fuse1.', 'fuse2.')
@@ -123,3 +124,11 @@ def test_unknown_checkpoint_is_refused(tmp_path):
     torch.save({'weights': torch.zeros(3)}, tmp_path / 'foreign.pth')
     with pytest.raises(SystemExit, match='not a ViT encoder'):
         finetune.load_encoder(ft_args(tmp_path / 'foreign.pth', 'unused', tmp_path))
+
+
+def test_new_resolution_resamples_the_position_embedding(pretrained, tmp_path):
+    encoder = finetune.load_encoder(ft_args(pretrained, 'unused', tmp_path, '--img_size', '64'))
+    saved = torch.load(pretrained, weights_only=True)['model']['pos_embed']  # 4 x 4 grid at 32 px, patch 8
+    assert saved.shape[1] == 1 + 16 and encoder.pos_embed.shape[1] == 1 + 64
+    torch.testing.assert_close(encoder.pos_embed, resize_pos_embed(saved, (8, 8)))
+    assert torch.equal(encoder.pos_embed[:, 0], saved[:, 0])  # the cls slot is kept as it is

@@ -400,6 +400,10 @@ def main(args):
     stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
     warmup_steps = args.warmup_epochs * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
+        # Every (epoch, rank) has its own RNG stream derived from --seed, so a resumed run draws the same masks,
+        # augmentations and re-initialisations as an uninterrupted one without storing RNG state (data loader
+        # workers are seeded from it).
+        torch.manual_seed(hash((args.seed, epoch, rank)))
         if epoch in stage_starts[stage + 1:]:  # a stage boundary (dBOT §3): the student becomes the teacher
             stage += 1
             teacher = raw_model.next_stage(teacher)
@@ -412,9 +416,6 @@ def main(args):
                                 out / f'teacher-stage{stage}.pth')
         stage_steps = args.stage_epochs[stage] * steps_per_epoch
         step_in_stage = (epoch - stage_starts[stage]) * steps_per_epoch
-        # Every (epoch, rank) has its own RNG stream derived from --seed, so a resumed run draws the same masks and
-        # augmentations as an uninterrupted one without storing RNG state (data loader workers are seeded from it).
-        torch.manual_seed(hash((args.seed, epoch, rank)))
         sampler.set_epoch(epoch)
         model.train()
         loss_sum, term_sums = torch.zeros((), device=device), {}

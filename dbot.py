@@ -24,6 +24,7 @@ class Teacher(ViT):
 
 class DBOT(MAE):
     default_stages = 2  # 2 for classification in the paper; 3 for detection and segmentation
+    flags = ('teacher', 'teacher_depth', 'stages', 'stage_epochs')
 
     def __init__(self, embed_dim=768, **kwargs):
         kwargs.pop('norm_pix_loss', None)  # the targets are features, not pixels

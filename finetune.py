@@ -75,7 +75,8 @@ def get_args_parser():
     parser.add_argument('--mixup', default=0.8, type=float)
     parser.add_argument('--cutmix', default=1.0, type=float)
     parser.add_argument('--smoothing', default=0.1, type=float)
-    parser.add_argument('--crop_pct', default=224 / 256, type=float, help='evaluation centre crop (1.0 for tiny images)')
+    parser.add_argument('--crop_pct', default=224 / 256, type=float,
+                        help='evaluation centre crop (1.0 for tiny images)')
     # linear probe and k-NN
     parser.add_argument('--pool', default=None, choices=['cls', 'mean'],
                         help='frozen features: cls token (default for ViTs) or mean of the patch tokens')

@@ -18,6 +18,7 @@ The interface between a method and train.py (MAE, MR-MAE, MCMAE and dBOT all imp
     model.loss_terms                     # dict of detached scalars from the last forward, logged beside the loss
     rows, caption = model.visualize(imgs, pred, mask, targets)
         rows: list of (B, 3, H, W) images in [0, 1], one figure row each; caption: how to read them
+    Method.flags                         # which of train.py's teacher/stage flags the method uses
     Method.default_stages                # 1, except dBOT, which also implements
     teacher = model.next_stage(teacher)  # at a stage boundary: the new teacher; the student re-initialises itself
 """
@@ -254,11 +255,10 @@ class MAE(ViT):
         self.initialize_weights()
 
     default_stages = 1
+    flags = ()  # the method-specific train.py flags it uses (train.METHOD_FLAGS); others are refused
 
     @classmethod
     def build_teacher(cls, args, state=None):
-        if args.teacher is not None or args.teacher_depth is not None:
-            raise ValueError(f'--teacher/--teacher_depth: {args.method} uses no teacher')
         return None  # MAE's target is the image itself
 
     @classmethod

@@ -137,9 +137,9 @@ class MCMAE(MAE, ConvViT):  # MAE's decoder and loss on the hybrid encoder
 
 
 class MRMCMAE(Mimic, MCMAE):
+    flags = tuple(flag for flag in Mimic.flags if flag != 'fusion_layers')  # it mimics the fused stage-3 tokens
+
     def __init__(self, teacher_dims, mimic_weight=1.0, fusion_layers=0, focused_mimic=False, **kwargs):
-        if fusion_layers:
-            raise ValueError('--fusion_layers: mrmcmae mimics from the fused stage-3 tokens; use it with mrmae')
         super().__init__(**kwargs)
         self.add_mimic_heads(teacher_dims, mimic_weight, focused_mimic)
         self.initialize_weights()  # again, for the heads

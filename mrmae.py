@@ -119,8 +119,9 @@ def weights_source(flag, value, hub_names):
     if value in hub_names:
         return value, None
     if value is None or not Path(value).is_file():
+        tags = f' or one of {", ".join(hub_names)} where a network exists' if hub_names else ''
         raise ValueError(f'{flag} {value}: no such file. Give the local weights file (README: "MR-MAE" says where '
-                         f'to get it){" or one of " + ", ".join(hub_names) + " where a network exists" if hub_names else ""}')
+                         f'to get it){tags}')
     return str(value), sha256(value)
 
 
@@ -194,6 +195,9 @@ class Mimic:
     """What MR-MAE adds to a masked autoencoder (MAE here; MCMAE in mcmae.py): frozen teachers, one linear head per
     teacher on the encoder's visible tokens, and the mimic loss beside the pixel reconstruction. The model's
     forward_encoder returns (latent, mimic_input, mask, ids_restore)."""
+
+    flags = ('teacher', 'clip_model', 'clip_weights', 'clip_quick_gelu', 'dino_model', 'dino_weights', 'mimic_weight',
+             'focused_mimic', 'fusion_layers')
 
     def add_mimic_heads(self, teacher_dims, mimic_weight, focused_mimic):
         width = self.norm.normalized_shape[0]

@@ -175,8 +175,9 @@ def test_teacher_file_loads_as_a_first_teacher(image_folder, tmp_path):
 
 @pytest.mark.parametrize('flags,message', [
     (['--stages', '0'], 'at least one stage'),
-    (['--method', 'mae', '--stages', '2'], 'single stage'),
-    (['--method', 'mae', '--teacher', 'random'], 'uses no teacher'),
+    (['--method', 'mae', '--stages', '2'], 'mae does not use it'),
+    (['--method', 'mae', '--teacher', 'random'], r'mae does not use it \(it is for dbot, mrmae, mrmcmae\)'),
+    (['--teacher_depth', '0', '--method', 'mrmae'], 'mrmae does not use it'),
     (['--stage_epochs', '1,1', '--stages', '3'], 'must give 3'),
 ])
 def test_impossible_stage_and_teacher_flags(image_folder, tmp_path, flags, message):

@@ -38,7 +38,8 @@ def test_standin_teachers_load_and_match_the_student_grid(standin, img_size, pat
     saved_clip = torch.load(standin[0], weights_only=True)
     assert torch.equal(teacher.teachers['clip'].backbone.conv1.weight, saved_clip['visual.conv1.weight'])
     saved_dino = torch.load(standin[1], weights_only=True)
-    assert torch.equal(teacher.teachers['dino'].backbone.blocks[5].mlp.fc2.weight, saved_dino['blocks.5.mlp.fc2.weight'])
+    dino_block = teacher.teachers['dino'].backbone.blocks[5]
+    assert torch.equal(dino_block.mlp.fc2.weight, saved_dino['blocks.5.mlp.fc2.weight'])
     with torch.inference_mode():
         out = teacher(torch.randn(2, 3, img_size, img_size))
     L = (img_size // patch_size) ** 2
@@ -57,7 +58,8 @@ def test_clip_teacher_equals_open_clip_on_clip_normalised_input(standin):
     with torch.no_grad():
         tokens, attention = teacher(imgs, attention=True)
         visual = teacher.backbone
-        clip_input = (raw - torch.tensor(visual.image_mean).view(3, 1, 1)) / torch.tensor(visual.image_std).view(3, 1, 1)
+        clip_mean, clip_std = torch.tensor(visual.image_mean), torch.tensor(visual.image_std)
+        clip_input = (raw - clip_mean.view(3, 1, 1)) / clip_std.view(3, 1, 1)
         out = visual.forward_intermediates(clip_input, indices=2, intermediates_only=True, output_fmt='NLC',
                                            output_extra_tokens=True)
         torch.testing.assert_close(tokens, out['image_intermediates'][-1], rtol=1e-4, atol=1e-4)
@@ -129,7 +131,8 @@ def test_own_vit_checkpoint_as_teacher(standin, tmp_path):
         out = teacher(torch.randn(1, 3, 64, 64))
     assert out['features']['mae_teacher'].shape == (1, 64, 192)  # patch 16 at 128 px: the student's 8 x 8 grid
     own = teacher.teachers['mae_teacher'].backbone
-    assert torch.equal(own.blocks[1].attn.qkv.weight, encoder_state_dict(trained.state_dict())['blocks.1.attn.qkv.weight'])
+    trained_weights = encoder_state_dict(trained.state_dict())
+    assert torch.equal(own.blocks[1].attn.qkv.weight, trained_weights['blocks.1.attn.qkv.weight'])
 
 
 def run(image_folder, output_dir, standin, *extra):

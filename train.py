@@ -238,11 +238,23 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, required_keys=()):
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, foreign or missing: one line, whatever torch raised
-        fail(f'cannot read checkpoint {path}: {e}')
+        fail(f'cannot read checkpoint {path}: {" ".join(str(e).split())[:300]}')
+    missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        fail(f'{path} is not a checkpoint of this script (it has no {", ".join(missing)})')
+    return checkpoint
+
+
+def load_state(module, state, source):
+    """load_state_dict, with a mismatch reported in one line that names the keys and shapes that disagree."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f'{source} does not fit this run: {" ".join(str(e).split())[:800]}')
 
 
 def truncate_log(log_path, next_epoch):
@@ -295,20 +307,27 @@ def measured_peak_flops(device, n=8192, reps=20):
 
 # -----------------------------------------------------------------------------------------------------------------
 
+METHOD_FLAGS = ('teacher', 'teacher_depth', 'stages', 'stage_epochs', 'clip_model', 'clip_weights', 'clip_quick_gelu',
+                'dino_model', 'dino_weights', 'mimic_weight', 'focused_mimic', 'fusion_layers')
+
+
 def validate_args(args):
+    method = METHODS[args.method]
+    defaults = get_args_parser()
+    for flag in METHOD_FLAGS:  # a flag the method ignores would silently change nothing: say so instead
+        if flag not in method.flags and getattr(args, flag) != defaults.get_default(flag):
+            users = ', '.join(sorted(name for name, m in METHODS.items() if flag in m.flags))
+            fail(f'--{flag}: {args.method} does not use it (it is for {users})')
     if args.img_size % args.patch_size:
         fail(f'--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}')
     if not 0 < args.mask_ratio < 1:
         fail(f'--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1')
     if args.epochs < 1 or args.warmup_epochs < 0 or args.batch_size < 1 or args.accum_iter < 1:
         fail('--epochs, --batch_size and --accum_iter must be positive and --warmup_epochs non-negative')
-    method = METHODS[args.method]
     if args.stages is None:
         args.stages = len(args.stage_epochs) if args.stage_epochs else method.default_stages
     if args.stages < 1:
         fail(f'--stages {args.stages}: a run needs at least one stage')
-    if args.stages > 1 and method.default_stages == 1:
-        fail(f'--stages {args.stages}: {args.method} trains in a single stage (only dbot bootstraps teachers)')
     if args.stage_epochs:
         if len(args.stage_epochs) != args.stages or min(args.stage_epochs) < 1:
             fail(f'--stage_epochs {args.stage_epochs} must give {args.stages} positive epoch counts')
@@ -352,7 +371,8 @@ def main(args):
              f'x --accum_iter {args.accum_iter}')
 
     resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
-    ckpt = load_checkpoint(resume) if args.resume or resume.exists() else None
+    required = ('model', 'optimizer', 'epoch', 'stage', 'teacher', 'args')
+    ckpt = load_checkpoint(resume, required) if args.resume or resume.exists() else None
     method = METHODS[args.method]
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     try:  # impossible configurations surface as ValueError from the method: one line, no traceback
@@ -368,8 +388,8 @@ def main(args):
 
     start_epoch, stage = 0, 0
     if ckpt:
-        raw_model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+        load_state(raw_model, ckpt['model'], f'{resume} ({ckpt["args"]["method"]} {ckpt["args"]["model"]})')
+        load_state(optimizer, ckpt['optimizer'], f'the optimizer state in {resume}')
         start_epoch, stage = ckpt['epoch'], ckpt['stage']
         if is_main:
             print(f'resumed from {resume} at epoch {start_epoch} (stage {stage})')

@@ -70,7 +70,9 @@ def get_args_parser():
     parser.add_argument('--drop_path', default=0.1, type=float)
     parser.add_argument('--clip_grad', default=None, type=float)
     # fine-tuning augmentation (timm's implementations)
-    parser.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='RandAugment policy')
+    # MAE uses rand-m9-mstd0.5-inc1, but timm's increasing posterize (1.0.31) asks Pillow for 0 bits at the top
+    # magnitude, which Pillow 13 refuses, killing the data loader; the plain policy posterizes to 4-8 bits.
+    parser.add_argument('--aa', default='rand-m9-mstd0.5', help='RandAugment policy (MAE: rand-m9-mstd0.5-inc1)')
     parser.add_argument('--reprob', default=0.25, type=float, help='random erasing probability')
     parser.add_argument('--mixup', default=0.8, type=float)
     parser.add_argument('--cutmix', default=1.0, type=float)

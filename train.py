@@ -11,9 +11,12 @@ A method plugs in through the small interface documented at the top of mae.py.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
+import signal
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 from torchvision.utils import make_grid
@@ -90,6 +93,8 @@ def get_args_parser():
     parser.add_argument('--lr', default=None, type=float, help='absolute lr; overrides --blr')
     parser.add_argument('--weight_decay', default=0.05, type=float)
     parser.add_argument('--clip_grad', default=None, type=float, help='max gradient norm (none by default)')
+    parser.add_argument('--skip_nonfinite', default=0, type=int,
+                        help='skip up to N steps per epoch whose loss is NaN/inf (costs a host sync per step)')
     parser.add_argument('--seed', default=0, type=int)
     # system and output
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -137,6 +142,33 @@ def barrier():
         dist.barrier()
 
 
+def agreed_max(tensor):
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
+
+
+def agreed(flag, how):
+    """One decision for all ranks from each rank's flag: how=any (one rank is enough) or all (every rank must)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    votes = torch.as_tensor(flag, dtype=torch.float32, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX if how is any else dist.ReduceOp.MIN)
+    return bool(votes.item())
+
+
+def rng_states(device):
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == 'cuda' else [])
+
+
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -155,6 +187,34 @@ def eval_transform(img_size):
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+class ImageFolderSkippingBroken(datasets.ImageFolder):
+    """An ImageFolder that replaces an unreadable image (corrupt, truncated) by the next readable one, with a warning
+    naming the file. The count lives in shared memory, one slot per loader worker, so that it reaches log.jsonl."""
+
+    def __init__(self, root, transform):
+        super().__init__(root, transform=transform)
+        self.skipped = torch.zeros(1024, dtype=torch.int64).share_memory_()
+
+    def __getitem__(self, index):
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except OSError as e:  # PIL's unidentified and truncated images raise OSErrors
+                worker = get_worker_info()
+                self.skipped[worker.id + 1 if worker else 0] += 1
+                print(f'warning: skipping unreadable image {self.samples[i][0]} ({e})', file=sys.stderr)
+        raise RuntimeError(f'no readable image in {self.root}')
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can begin an epoch part-way, for a run that a signal stopped mid-epoch."""
+    start = 0  # samples of this rank's share to skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
 
 
 def build_dataset(args, split, transform):
@@ -177,7 +237,7 @@ def build_dataset(args, split, transform):
             return None
         folder = root  # a plain folder of class sub-folders
     try:
-        return datasets.ImageFolder(folder, transform=transform)
+        return ImageFolderSkippingBroken(folder, transform=transform)
     except (FileNotFoundError, OSError) as e:
         fail(f'--data {root}: no images found in {folder} ({e})')
 
@@ -264,6 +324,15 @@ def truncate_log(log_path, next_epoch):
         log_path.write_text(''.join(row + '\n' for row in rows))
 
 
+def check_finite(nonfinite_step, epoch, out):
+    """Stop every rank when any saw a non-finite loss (tracked on the device, read here at log points)."""
+    step = int(nonfinite_step) if not dist.is_initialized() else agreed_max(nonfinite_step)
+    if step >= 0:
+        fail(f'the loss became NaN or infinite in epoch {epoch} at step {step} (usually too high a learning rate for '
+             f'this batch size: lower --blr, or set --clip_grad; --skip_nonfinite N skips isolated bad batches); the '
+             f'last good checkpoint is {out / "checkpoint-last.pth"}')
+
+
 def save_figure(rows, caption, path, min_size=128):
     """Rows of images in [0, 1] as one PNG grid, upscaled to at least min_size px, with a caption underneath."""
     imgs = torch.cat(rows).float().cpu()
@@ -339,7 +408,7 @@ def validate_args(args):
                              for s in range(args.stages)]
 
 
-def main(args):
+def pretrain(args):
     validate_args(args)
     rank, world_size, device = init_distributed(args.device)
     is_main = rank == 0
@@ -362,7 +431,7 @@ def main(args):
     vis_dataset = build_dataset(args, 'train', eval_transform(args.img_size))
     if is_main:
         barrier()
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == 'cuda', drop_last=True)
     steps_per_epoch = len(loader) // args.accum_iter
@@ -371,7 +440,7 @@ def main(args):
              f'x --accum_iter {args.accum_iter}')
 
     resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
-    required = ('model', 'optimizer', 'epoch', 'stage', 'teacher', 'args')
+    required = ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher', 'args')
     ckpt = load_checkpoint(resume, required) if args.resume or resume.exists() else None
     method = METHODS[args.method]
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -392,7 +461,7 @@ def main(args):
         load_state(optimizer, ckpt['optimizer'], f'the optimizer state in {resume}')
         start_epoch, stage = ckpt['epoch'], ckpt['stage']
         if is_main:
-            print(f'resumed from {resume} at epoch {start_epoch} (stage {stage})')
+            print(f'resumed from {resume} at epoch {start_epoch}, step {ckpt["step"]} (stage {stage})')
             truncate_log(out / 'log.jsonl', start_epoch)
     if start_epoch >= args.epochs:
         if is_main:
@@ -422,7 +491,7 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         # Every (epoch, rank) has its own RNG stream derived from --seed, so a resumed run draws the same masks,
         # augmentations and re-initialisations as an uninterrupted one without storing RNG state (data loader
-        # workers are seeded from it).
+        # workers are seeded from it). Only a run stopped mid-epoch stores its state, to continue from there.
         torch.manual_seed(hash((args.seed, epoch, rank)))
         if epoch in stage_starts[stage + 1:]:  # a stage boundary (dBOT §3): the student becomes the teacher
             stage += 1
@@ -436,13 +505,24 @@ def main(args):
                                 out / f'teacher-stage{stage}.pth')
         stage_steps = args.stage_epochs[stage] * steps_per_epoch
         step_in_stage = (epoch - stage_starts[stage]) * steps_per_epoch
-        sampler.set_epoch(epoch)
-        model.train()
         loss_sum, term_sums = torch.zeros((), device=device), {}
-        last_log_step, last_log_time, epoch_start = 0, time.perf_counter(), time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch}', disable=not is_main, dynamic_ncols=True)
+        first_step = 0
+        if ckpt and ckpt['step'] and epoch == start_epoch:  # continue an epoch that a signal interrupted
+            first_step, (loss_sum, term_sums) = ckpt['step'], (ckpt['loss_sum'].to(device), ckpt['term_sums'])
+            torch.set_rng_state(ckpt['rng_state'][0])
+            if device.type == 'cuda':  # the masks are drawn on the GPU
+                torch.cuda.set_rng_state(ckpt['rng_state'][1], device)
+        sampler.set_epoch(epoch)
+        sampler.start = first_step * args.batch_size * args.accum_iter
+        if isinstance(dataset, ImageFolderSkippingBroken):
+            dataset.skipped.zero_()
+        model.train()
+        nonfinite_step, skipped_steps = torch.full((), -1, device=device), 0
+        last_log_step, last_log_time, epoch_start = first_step, time.perf_counter(), time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f'epoch {epoch}', disable=not is_main,
+                   dynamic_ncols=True)
         batches = iter(loader)
-        for step in range(steps_per_epoch):
+        for step in range(first_step, steps_per_epoch):
             lr = lr_at(step_in_stage + step, stage_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group['lr'] = lr
@@ -452,35 +532,58 @@ def main(args):
                 # DDP all-reduces gradients only on the last micro-batch of an accumulation step.
                 with nullcontext() if world_size == 1 or last_micro else model.no_sync():
                     loss = forward_backward(model, teacher, imgs, args.mask_ratio, autocast, 1 / args.accum_iter)
-                loss_sum += loss.detach()
-                for name, value in raw_model.loss_terms.items():  # e.g. MR-MAE's reconstruction and mimic terms
-                    term_sums[name] = term_sums.get(name, 0) + value
+            if args.skip_nonfinite and not agreed(torch.isfinite(loss), all):  # opt-in: one host sync per step
+                skipped_steps += 1
+                if skipped_steps > args.skip_nonfinite:
+                    fail(f'{skipped_steps} non-finite losses in epoch {epoch}, more than --skip_nonfinite '
+                         f'{args.skip_nonfinite}; the last good checkpoint is {out / "checkpoint-last.pth"}')
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss), step, nonfinite_step)
+            loss_sum += loss.detach()
+            for name, value in raw_model.loss_terms.items():  # e.g. MR-MAE's reconstruction and mimic terms
+                term_sums[name] = term_sums.get(name, 0) + value
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             bar.update()
 
-            if (step + 1) % args.log_every == 0 and is_main:  # the only host sync in the loop
+            at_log_step = (step + 1) % args.log_every == 0
+            if at_log_step:  # the only host syncs in the loop
+                check_finite(nonfinite_step, epoch, out)
                 now = time.perf_counter()
                 img_per_s = (step + 1 - last_log_step) * eff_batch / (now - last_log_time)
-                mean_loss = loss_sum.item() / ((step + 1) * args.accum_iter)
+                mean_loss = loss_sum.item() / ((step + 1 - skipped_steps) * args.accum_iter)
                 postfix = dict(loss=f'{mean_loss:.4f}', lr=f'{lr:.2e}', img_s=f'{img_per_s:.0f}')
                 if mfu_denominator:
                     postfix['mfu'] = f'{img_per_s / world_size / mfu_denominator:.1%}'
                 bar.set_postfix(postfix)
                 last_log_step, last_log_time = step + 1, now
+            # A signal is a local event: ranks agree on stopping where they sync anyway (every step in one process).
+            if (world_size == 1 or at_log_step) and agreed(stop_requested, any) and step + 1 < steps_per_epoch:
+                check_finite(nonfinite_step, epoch, out)
+                if is_main:
+                    save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
+                                         step=step + 1, rng_state=rng_states(device), loss_sum=loss_sum.cpu(),
+                                         term_sums=term_sums, stage=stage, teacher=raw_model.teacher_state(teacher),
+                                         args=vars(args)), out / 'checkpoint-last.pth')
+                    print(f'\nstopped by a signal in epoch {epoch} after step {step + 1} of {steps_per_epoch}; the '
+                          f'same command continues from {out / "checkpoint-last.pth"}')
+                barrier()
+                return
         bar.close()
 
-        micro_batches = steps_per_epoch * args.accum_iter
+        check_finite(nonfinite_step, epoch, out)
+        micro_batches = (steps_per_epoch - skipped_steps) * args.accum_iter
         epoch_loss = all_reduce_mean(loss_sum / micro_batches).item()
-        img_per_s = steps_per_epoch * eff_batch / (time.perf_counter() - epoch_start)
+        img_per_s = (steps_per_epoch - first_step) * eff_batch / (time.perf_counter() - epoch_start)
         row = dict(epoch=epoch, stage=stage, loss=epoch_loss, lr=lr, img_per_s=round(img_per_s, 1))
         row.update({name: all_reduce_mean(total / micro_batches).item() for name, total in term_sums.items()})
         if mfu_denominator:
             row['mfu'] = round(img_per_s / world_size / mfu_denominator, 4)
-        if not math.isfinite(epoch_loss):  # every rank sees the same all-reduced value, so all stop together
-            fail(f'loss is {epoch_loss} in epoch {epoch}; the last good checkpoint is {out / "checkpoint-last.pth"}')
+        row.update(skipped_steps=skipped_steps, skipped_images=int(dataset.skipped.sum())
+                   if isinstance(dataset, ImageFolderSkippingBroken) else 0)
         if is_main:
             if (epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs:
                 raw_model.eval()
@@ -492,13 +595,24 @@ def main(args):
             with open(out / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(row) + '\n')
             save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                                 stage=stage, teacher=raw_model.teacher_state(teacher), args=vars(args)),
+                                 step=0, stage=stage, teacher=raw_model.teacher_state(teacher), args=vars(args)),
                             out / 'checkpoint-last.pth')
             tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
         barrier()
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+def main(args):
+    """Pre-train, with SIGTERM (pre-emption) and SIGINT (Ctrl-C) turned into a checkpoint and a clean exit."""
+    global stop_requested
+    stop_requested = False
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        pretrain(args)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == '__main__':

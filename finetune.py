@@ -324,9 +324,9 @@ def main(args):
     start_epoch, best_acc1 = 0, 0.0
     resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
     if args.resume or resume.exists():
-        ckpt = train.load_checkpoint(resume)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+        ckpt = train.load_checkpoint(resume, ('model', 'optimizer', 'epoch', 'best_acc1', 'args'))
+        train.load_state(model, ckpt['model'], resume)
+        train.load_state(optimizer, ckpt['optimizer'], f'the optimizer state in {resume}')
         start_epoch, best_acc1 = ckpt['epoch'], ckpt['best_acc1']
         if is_main:
             print(f'resumed from {resume} at epoch {start_epoch}')

@@ -132,3 +132,10 @@ def test_new_resolution_resamples_the_position_embedding(pretrained, tmp_path):
     assert saved.shape[1] == 1 + 16 and encoder.pos_embed.shape[1] == 1 + 64
     torch.testing.assert_close(encoder.pos_embed, resize_pos_embed(saved, (8, 8)))
     assert torch.equal(encoder.pos_embed[:, 0], saved[:, 0])  # the cls slot is kept as it is
+
+
+def test_foreign_resume_checkpoint_is_refused(image_folder, tmp_path):
+    torch.save({'model': {}}, tmp_path / 'foreign.pth')
+    with pytest.raises(SystemExit, match='not a checkpoint of this script'):
+        finetune.main(ft_args('none', image_folder, tmp_path, '--model', 'vit_tiny', '--patch_size', '8',
+                              '--img_size', '32', '--resume', str(tmp_path / 'foreign.pth')))

@@ -506,12 +506,10 @@ def pretrain(args):
         stage_steps = args.stage_epochs[stage] * steps_per_epoch
         step_in_stage = (epoch - stage_starts[stage]) * steps_per_epoch
         loss_sum, term_sums = torch.zeros((), device=device), {}
-        first_step = 0
-        if ckpt and ckpt['step'] and epoch == start_epoch:  # continue an epoch that a signal interrupted
-            first_step, (loss_sum, term_sums) = ckpt['step'], (ckpt['loss_sum'].to(device), ckpt['term_sums'])
-            torch.set_rng_state(ckpt['rng_state'][0])
-            if device.type == 'cuda':  # the masks are drawn on the GPU
-                torch.cuda.set_rng_state(ckpt['rng_state'][1], device)
+        resuming_mid_epoch = ckpt and ckpt['step'] and epoch == start_epoch  # an epoch a signal interrupted
+        first_step = ckpt['step'] if resuming_mid_epoch else 0
+        if resuming_mid_epoch:
+            loss_sum, term_sums = ckpt['loss_sum'].to(device), ckpt['term_sums']
         sampler.set_epoch(epoch)
         sampler.start = first_step * args.batch_size * args.accum_iter
         if isinstance(dataset, ImageFolderSkippingBroken):
@@ -521,7 +519,11 @@ def pretrain(args):
         last_log_step, last_log_time, epoch_start = first_step, time.perf_counter(), time.perf_counter()
         bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f'epoch {epoch}', disable=not is_main,
                    dynamic_ncols=True)
-        batches = iter(loader)
+        batches = iter(loader)  # draws the loader's base seed from the RNG: restore the state after it
+        if resuming_mid_epoch:
+            torch.set_rng_state(ckpt['rng_state'][0])
+            if device.type == 'cuda':  # the masks are drawn on the GPU
+                torch.cuda.set_rng_state(ckpt['rng_state'][1], device)
         for step in range(first_step, steps_per_epoch):
             lr = lr_at(step_in_stage + step, stage_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:

@@ -1,0 +1,262 @@
+"""Reliability of train.py: exact resume after SIGKILL, graceful stop, safe checkpoints, non-finite losses, bad input,
+and DDP equivalence (2 gloo processes on CPU)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import train
+from conftest import make_image_folder
+from mae import MAE
+
+HERE = Path(__file__).parent
+COMMON = ['--model', 'vit_tiny', '--img_size', '32', '--patch_size', '8', '--decoder_dim', '32', '--decoder_depth',
+          '1', '--batch_size', '4', '--num_workers', '0', '--device', 'cpu', '--warmup_epochs', '1', '--vis_every',
+          '100', '--log_every', '1']
+
+
+def flags(data, out, *extra):
+    return ['--data', str(data), '--output_dir', str(out), *COMMON, *extra]
+
+
+def run_in_process(data, out, *extra):
+    train.main(train.get_args_parser().parse_args(flags(data, out, *extra)))
+
+
+def logged(out, key='loss'):
+    log = out / 'log.jsonl'
+    return [json.loads(line)[key] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture(scope='module')
+def images64(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('images64'), per_class=32)  # 16 steps per epoch at batch 4
+
+
+# 1. Exact resume ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('extra', [('--method', 'mae', '--epochs', '3'),
+                                   ('--method', 'dbot', '--stage_epochs', '1,2')])  # killed across the boundary
+def test_sigkill_then_the_same_command_gives_the_same_losses(images64, tmp_path, extra):
+    command = [sys.executable, 'train.py']
+    subprocess.run(command + flags(images64, tmp_path / 'straight', *extra), check=True, capture_output=True, cwd=HERE)
+    expected = logged(tmp_path / 'straight')
+    killed = tmp_path / 'killed'
+    process = subprocess.Popen(command + flags(images64, killed, *extra), cwd=HERE, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    while not (killed / 'checkpoint-last.pth').exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.kill()  # SIGKILL, as soon as the first epoch's checkpoint is there
+    process.wait()
+    assert len(logged(killed)) < len(expected)  # it really was interrupted
+    subprocess.run(command + flags(images64, killed, *extra), check=True, capture_output=True, cwd=HERE)
+    assert logged(killed) == pytest.approx(expected, rel=1e-4)
+
+
+# 2. Graceful stop --------------------------------------------------------------------------------------------------
+
+def signal_at_call(monkeypatch, call, signum):
+    """Send a real signal to this process from inside the call-th micro-step."""
+    calls, real = [0], train.forward_backward
+
+    def forward_backward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, 'forward_backward', forward_backward)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_exact_position_and_the_rerun_continues_exactly(image_folder, tmp_path, monkeypatch, signum):
+    run_in_process(image_folder, tmp_path / 'straight', '--epochs', '2')
+    signal_at_call(monkeypatch, 7, signum)  # epoch 1 (4 steps per epoch), step 2
+    run_in_process(image_folder, tmp_path / 'stopped', '--epochs', '2')  # returns: exit code 0
+    checkpoint = torch.load(tmp_path / 'stopped' / 'checkpoint-last.pth', weights_only=True)
+    assert (checkpoint['epoch'], checkpoint['step']) == (1, 3)
+    monkeypatch.undo()
+    assert signal.getsignal(signum) is not train.request_stop  # the handlers are restored
+    run_in_process(image_folder, tmp_path / 'stopped', '--epochs', '2')
+    assert logged(tmp_path / 'stopped') == pytest.approx(logged(tmp_path / 'straight'), rel=1e-4)
+
+
+def test_sigterm_to_a_running_process_exits_0_with_a_checkpoint(images64, tmp_path):
+    process = subprocess.Popen([sys.executable, 'train.py'] + flags(images64, tmp_path, '--epochs', '50'), cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (tmp_path / 'log.jsonl').exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert 'stopped by a signal' in output
+    checkpoint = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
+    assert checkpoint['step'] > 0 and checkpoint['epoch'] < 50
+
+
+# 3. No corrupt checkpoints ----------------------------------------------------------------------------------------
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / 'checkpoint-last.pth'
+    train.save_checkpoint({'weights': torch.ones(3)}, path)
+
+    def dies_half_way(obj, f):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, 'save', dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({'weights': torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)['weights'], torch.ones(3))
+
+
+def test_truncated_foreign_or_mismatched_resume_is_refused(image_folder, tmp_path):
+    run_in_process(image_folder, tmp_path / 'run', '--epochs', '1')
+    good = (tmp_path / 'run' / 'checkpoint-last.pth').read_bytes()
+    (tmp_path / 'truncated.pth').write_bytes(good[:len(good) // 2])
+    with pytest.raises(SystemExit, match='cannot read checkpoint .*truncated.pth'):
+        run_in_process(image_folder, tmp_path / 'a', '--epochs', '2', '--resume', str(tmp_path / 'truncated.pth'))
+    torch.save(timm.create_model('vit_tiny_patch16_224', pretrained=False).state_dict(), tmp_path / 'foreign.pth')
+    with pytest.raises(SystemExit, match='not a checkpoint of this script'):
+        run_in_process(image_folder, tmp_path / 'b', '--epochs', '2', '--resume', str(tmp_path / 'foreign.pth'))
+    with pytest.raises(SystemExit, match=r'does not fit this run: .*size mismatch for cls_token'):
+        run_in_process(image_folder, tmp_path / 'c', '--epochs', '2', '--model', 'vit_small',
+                       '--resume', str(tmp_path / 'run' / 'checkpoint-last.pth'))
+
+
+# 4. Non-finite losses ---------------------------------------------------------------------------------------------
+
+def nan_at_calls(monkeypatch, calls_to_poison):
+    calls, real = [0], train.forward_backward
+
+    def forward_backward(*args, **kwargs):
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        return loss * float('nan') if calls[0] in calls_to_poison else loss
+
+    monkeypatch.setattr(train, 'forward_backward', forward_backward)
+
+
+def test_nan_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
+    nan_at_calls(monkeypatch, {6})  # epoch 1, step 1
+    with pytest.raises(SystemExit, match=r'NaN or infinite in epoch 1 at step 1 .*lower --blr'):
+        run_in_process(image_folder, tmp_path, '--epochs', '3')
+    assert torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['epoch'] == 1  # epoch 0's, intact
+    assert len(logged(tmp_path)) == 1
+
+
+def test_skip_nonfinite_skips_isolated_bad_steps(image_folder, tmp_path, monkeypatch):
+    nan_at_calls(monkeypatch, {2})
+    run_in_process(image_folder, tmp_path, '--epochs', '1', '--skip_nonfinite', '1')
+    assert logged(tmp_path, 'skipped_steps') == [1]
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in logged(tmp_path))
+    nan_at_calls(monkeypatch, {1, 2})
+    with pytest.raises(SystemExit, match='more than --skip_nonfinite 1'):
+        run_in_process(image_folder, tmp_path / 'twice', '--epochs', '1', '--skip_nonfinite', '1')
+
+
+# 5. Bad input -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('extra,message', [
+    (['--data', '/nonexistent'], 'no such folder'),
+    (['--img_size', '36'], 'not divisible by --patch_size'),
+    (['--mask_ratio', '0'], 'strictly between 0 and 1'),
+    (['--method', 'dbot', '--stages', '0'], 'at least one stage'),
+    (['--method', 'mae', '--clip_weights', 'x.pth'], 'mae does not use it'),
+    (['--method', 'dbot', '--mimic_weight', '2'], 'dbot does not use it'),
+])
+def test_bad_flags_are_one_clear_line(image_folder, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        run_in_process(image_folder, tmp_path, *extra)
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(image_folder, tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    result = subprocess.run([sys.executable, 'train.py'] + flags(image_folder, tmp_path / 'a_file' / 'out'),
+                            cwd=HERE, capture_output=True, text=True)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert 'is not writable' in result.stderr
+
+
+def test_unreadable_images_are_skipped_with_a_warning_and_counted(image_folder, tmp_path, capfd):
+    broken = make_image_folder(tmp_path / 'broken', per_class=8)
+    (broken / 'train' / 'class_0' / 'garbage.jpg').write_bytes(b'not an image at all')
+    whole = (broken / 'train' / 'class_1' / '3.jpg').read_bytes()
+    (broken / 'train' / 'class_1' / 'truncated.jpg').write_bytes(whole[:len(whole) // 3])
+    run_in_process(broken, tmp_path / 'out', '--epochs', '1')
+    assert logged(tmp_path / 'out', 'skipped_images') == [2]
+    err = capfd.readouterr().err
+    assert 'garbage.jpg' in err and 'truncated.jpg' in err
+
+
+# 6. DDP equivalence -----------------------------------------------------------------------------------------------
+
+class FixedNoiseMAE(MAE):
+    """MAE whose masks come from a fixed noise tensor (a plain attribute: DDP must not broadcast it)."""
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, targets=None):
+        return super().forward(imgs, mask_ratio, self.fixed_noise, targets)
+
+
+def one_step(model, imgs, noise):
+    """Gradients and weights after one SGD step. (AdamW's first step is about lr * sign(g), which turns last-bit
+    differences in near-zero gradients into whole updates: SGD, linear in the gradient, is the fair comparison.)"""
+    module = model.module if isinstance(model, DDP) else model
+    module.fixed_noise = noise
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    train.forward_backward(model, None, imgs, 0.75, nullcontext())
+    grads = torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
+    optimizer.step()
+    return grads, torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return FixedNoiseMAE(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_dim=32,
+                         decoder_depth=1, decoder_heads=4)
+
+
+def _ddp_rank(rank, world_size, port, imgs, noise, results):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world_size)
+    share = slice(rank * 2, rank * 2 + 2)
+    results[rank] = one_step(DDP(tiny_model()), imgs[share], noise[share])
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_update_weights_as_one_process_on_the_whole_batch():
+    generator = torch.Generator().manual_seed(1)
+    imgs, noise = torch.randn(4, 3, 32, 32, generator=generator), torch.rand(4, 16, generator=generator)
+    expected = one_step(tiny_model(), imgs, noise)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_rank, args=(2, port, imgs, noise, results), nprocs=2)
+    for rank in range(2):
+        for got, want in zip(results[rank], expected):  # the all-reduced gradients, then the updated weights
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert not torch.equal(expected[1], torch.cat([p.detach().flatten() for p in tiny_model().parameters()]))
+
+
+def test_torchrun_two_processes_on_cpu_end_to_end(image_folder, tmp_path):
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             'train.py'] + flags(image_folder, tmp_path, '--epochs', '2', '--batch_size', '2'),
+                            cwd=HERE, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(logged(tmp_path)) == 2 and (tmp_path / 'checkpoint-last.pth').exists()

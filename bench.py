@@ -114,17 +114,26 @@ def bench_method(method, args, device, peak_flops):
                 mfu=round(flops * img_per_s / peak_flops, 4) if peak_flops else None)
 
 
-def bench_loader(args):
-    """Images per second that the ImageFolder pipeline (decode + augment + collate) delivers, with no model."""
+def bench_loader(args, device):
+    """Images per second that the input pipeline delivers with no model: the DataLoader (decode + augment + collate
+    in --num_workers processes), or with --gpu_data the decoded-once images augmented on the device."""
     dataset = train.build_dataset(args, 'train', train.pretrain_transform(args.img_size))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-                        drop_last=True)
+    sampler = train.ResumableSampler(dataset, num_replicas=1, rank=0)
+    if args.gpu_data:
+        dataset.transform = train.transforms.PILToTensor()
+        loader = train.DeviceImages(dataset, sampler, args.batch_size, args.img_size, device, args.num_workers)
+    else:
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                            drop_last=True)
     batches = iter(loader)
     next(batches)  # worker start-up is not throughput
     count, begin = 0, time.perf_counter()
-    for _, _ in zip(range(args.steps), batches):
-        count += args.batch_size
-    return dict(method='loader', data=args.data, num_workers=args.num_workers, batch_size=args.batch_size,
+    for _, (imgs, _) in zip(range(args.steps), batches):
+        count += len(imgs)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return dict(method='loader+gpu_data' if args.gpu_data else 'loader', data=args.data, device=str(device),
+                num_workers=args.num_workers, batch_size=args.batch_size,
                 img_per_s=round(count / (time.perf_counter() - begin), 1))
 
 
@@ -135,6 +144,7 @@ def main():
     parser.add_argument('--steps', default=10, type=int, help='timed steps (median reported)')
     parser.add_argument('--warmup_steps', default=3, type=int)
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
+    parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')
     parser.set_defaults(data=None, batch_size=64)
     args = parser.parse_args()
     train.validate_args(args)
@@ -143,10 +153,10 @@ def main():
         args.clip_weights, args.dino_weights = mrmae.save_standin_weights(tempfile.mkdtemp(), args.clip_model,
                                                                           args.dino_model)
     peak_flops = train.measured_peak_flops(device) if device.type == 'cuda' else None
-    results = [bench_method(m, args, device, peak_flops)
-               for m in (args.methods.split(',') if args.methods else available_methods())]
+    methods = [] if args.data_only else args.methods.split(',') if args.methods else available_methods()
+    results = [bench_method(m, args, device, peak_flops) for m in methods]
     if args.data:
-        results.append(bench_loader(args))
+        results.append(bench_loader(args, device))
     if args.json:
         for row in results:
             print(json.dumps(row))

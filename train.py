@@ -52,6 +52,9 @@ def get_args_parser():
                              'or a folder of class sub-folders')
     parser.add_argument('--data_dir', default='./data', help='where cifar10/cifar100 are downloaded to')
     parser.add_argument('--num_workers', default=min(8, os.cpu_count()), type=int)
+    parser.add_argument('--gpu_data', action='store_true',
+                        help='decode a small data set (CIFAR, Tiny-ImageNet) once, keep it on the device as uint8 and '
+                             'augment it there')
     # model
     parser.add_argument('--model', default='vit_tiny', choices=sorted(mae.VIT_SIZES))
     parser.add_argument('--img_size', default=32, type=int)
@@ -217,6 +220,53 @@ class ResumableSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), self.start, None)
 
 
+def random_resized_crop_flip(images, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop + horizontal flip + ImageNet normalisation for a whole uint8 batch (B, 3, H, W) on its
+    device: per image a box of area scale*H*W and log-uniform aspect ratio at a uniform position, flipped with
+    probability 1/2, resampled bicubically through one affine grid. Unlike torchvision, which re-draws a box that
+    does not fit, a box is clamped to the image."""
+    B, _, H, W = images.shape
+    device = images.device
+    area = H * W * torch.empty(B, device=device).uniform_(*scale)
+    aspect = torch.empty(B, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    w, h = (area * aspect).sqrt().clamp(max=W), (area / aspect).sqrt().clamp(max=H)
+    cx = w / 2 + torch.rand(B, device=device) * (W - w)
+    cy = h / 2 + torch.rand(B, device=device) * (H - h)
+    flip = torch.where(torch.rand(B, device=device) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(B, device=device)
+    theta = torch.stack([torch.stack([w / W * flip, zero, 2 * cx / W - 1], dim=1),  # output -> input coordinates
+                         torch.stack([zero, h / H, 2 * cy / H - 1], dim=1)], dim=1)
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+    out = F.grid_sample(images.float() / 255, grid, mode='bicubic', padding_mode='border', align_corners=False)
+    mean = out.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = out.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    return (out.clamp(0, 1) - mean) / std
+
+
+class DeviceImages:
+    """--gpu_data: a small data set (CIFAR, Tiny-ImageNet: images of one size) decoded once into a uint8 tensor on the
+    device, augmented there batch by batch; no JPEG decoding in the loop. Iterates like the DataLoader it replaces,
+    in the order of the same (resumable, distributed) sampler."""
+
+    def __init__(self, dataset, sampler, batch_size, img_size, device, num_workers):
+        decoded = DataLoader(dataset, batch_size=256, num_workers=num_workers)
+        try:
+            images, labels = zip(*decoded)
+        except RuntimeError as e:  # default_collate cannot stack images of different sizes
+            fail(f'--gpu_data needs images of one size, as in CIFAR or Tiny-ImageNet ({" ".join(str(e).split())})')
+        self.images, self.labels = torch.cat(images).to(device), torch.cat(labels).to(device)
+        self.sampler, self.batch_size, self.img_size = sampler, batch_size, img_size
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        ids = torch.tensor(list(self.sampler), device=self.images.device)
+        for start in range(0, len(ids) - self.batch_size + 1, self.batch_size):
+            batch = ids[start:start + self.batch_size]
+            yield random_resized_crop_flip(self.images[batch], self.img_size), self.labels[batch]
+
+
 def build_dataset(args, split, transform):
     """The `split` ('train' or 'val') of --data, or None when a folder has no such split. Images load as RGB
     (torchvision's default loader converts greyscale JPEGs)."""
@@ -380,13 +430,17 @@ METHOD_FLAGS = ('teacher', 'teacher_depth', 'stages', 'stage_epochs', 'clip_mode
                 'dino_model', 'dino_weights', 'mimic_weight', 'focused_mimic', 'fusion_layers')
 
 
-def validate_args(args):
-    method = METHODS[args.method]
+def refuse_unused_flags(args):
+    """A flag the method ignores would silently change nothing: say so instead."""
     defaults = get_args_parser()
-    for flag in METHOD_FLAGS:  # a flag the method ignores would silently change nothing: say so instead
-        if flag not in method.flags and getattr(args, flag) != defaults.get_default(flag):
+    for flag in METHOD_FLAGS:
+        if flag not in METHODS[args.method].flags and getattr(args, flag) != defaults.get_default(flag):
             users = ', '.join(sorted(name for name, m in METHODS.items() if flag in m.flags))
             fail(f'--{flag}: {args.method} does not use it (it is for {users})')
+
+
+def validate_args(args):
+    method = METHODS[args.method]
     if args.img_size % args.patch_size:
         fail(f'--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}')
     if not 0 < args.mask_ratio < 1:
@@ -409,6 +463,7 @@ def validate_args(args):
 
 
 def pretrain(args):
+    refuse_unused_flags(args)
     validate_args(args)
     rank, world_size, device = init_distributed(args.device)
     is_main = rank == 0
@@ -432,8 +487,12 @@ def pretrain(args):
     if is_main:
         barrier()
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == 'cuda', drop_last=True)
+    if args.gpu_data:
+        dataset.transform = transforms.PILToTensor()  # decoded once, augmented on the device
+        loader = DeviceImages(dataset, sampler, args.batch_size, args.img_size, device, args.num_workers)
+    else:
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                            pin_memory=device.type == 'cuda', drop_last=True)
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:
         fail(f'{len(dataset)} images are too few for {world_size} process(es) x --batch_size {args.batch_size} '

@@ -145,19 +145,13 @@ def barrier():
         dist.barrier()
 
 
-def agreed_max(tensor):
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor)
-
-
-def agreed(flag, how):
-    """One decision for all ranks from each rank's flag: how=any (one rank is enough) or all (every rank must)."""
-    if not dist.is_initialized():
-        return bool(flag)
-    votes = torch.as_tensor(flag, dtype=torch.float32, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX if how is any else dist.ReduceOp.MIN)
-    return bool(votes.item())
+def max_over_ranks(value):
+    """The largest of the ranks' values (a number, bool or scalar tensor): one decision that every rank shares."""
+    value = torch.as_tensor(value, dtype=torch.float64)
+    if dist.is_initialized():
+        value = value.to('cuda' if dist.get_backend() == 'nccl' else 'cpu')
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
 
 
 def rng_states(device):
@@ -376,7 +370,7 @@ def truncate_log(log_path, next_epoch):
 
 def check_finite(nonfinite_step, epoch, out):
     """Stop every rank when any saw a non-finite loss (tracked on the device, read here at log points)."""
-    step = int(nonfinite_step) if not dist.is_initialized() else agreed_max(nonfinite_step)
+    step = int(max_over_ranks(nonfinite_step))
     if step >= 0:
         fail(f'the loss became NaN or infinite in epoch {epoch} at step {step} (usually too high a learning rate for '
              f'this batch size: lower --blr, or set --clip_grad; --skip_nonfinite N skips isolated bad batches); the '
@@ -593,7 +587,7 @@ def pretrain(args):
                 # DDP all-reduces gradients only on the last micro-batch of an accumulation step.
                 with nullcontext() if world_size == 1 or last_micro else model.no_sync():
                     loss = forward_backward(model, teacher, imgs, args.mask_ratio, autocast, 1 / args.accum_iter)
-            if args.skip_nonfinite and not agreed(torch.isfinite(loss), all):  # opt-in: one host sync per step
+            if args.skip_nonfinite and max_over_ranks(~torch.isfinite(loss)):  # opt-in: one host sync per step
                 skipped_steps += 1
                 if skipped_steps > args.skip_nonfinite:
                     fail(f'{skipped_steps} non-finite losses in epoch {epoch}, more than --skip_nonfinite '
@@ -622,7 +616,7 @@ def pretrain(args):
                 bar.set_postfix(postfix)
                 last_log_step, last_log_time = step + 1, now
             # A signal is a local event: ranks agree on stopping where they sync anyway (every step in one process).
-            if (world_size == 1 or at_log_step) and agreed(stop_requested, any) and step + 1 < steps_per_epoch:
+            if (world_size == 1 or at_log_step) and max_over_ranks(stop_requested) and step + 1 < steps_per_epoch:
                 check_finite(nonfinite_step, epoch, out)
                 if is_main:
                     save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,

@@ -18,6 +18,8 @@ The interface between a method and train.py (MAE, MR-MAE, MCMAE and dBOT all imp
     model.loss_terms                     # dict of detached scalars from the last forward, logged beside the loss
     rows, caption = model.visualize(imgs, pred, mask, targets)
         rows: list of (B, 3, H, W) images in [0, 1], one figure row each; caption: how to read them
+    model.teacher_state(teacher)         # what a checkpoint keeps of the teacher (dBOT: weights; MR-MAE: file hashes)
+    Method.encoder_class                 # the encoder alone (ViT, or MCMAE's ConvViT): what finetune.py builds
     Method.flags                         # which of train.py's teacher/stage flags the method uses
     Method.default_stages                # 1, except dBOT, which also implements
     teacher = model.next_stage(teacher)  # at a stage boundary: the new teacher; the student re-initialises itself

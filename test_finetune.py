@@ -139,3 +139,14 @@ def test_foreign_resume_checkpoint_is_refused(image_folder, tmp_path):
     with pytest.raises(SystemExit, match='not a checkpoint of this script'):
         finetune.main(ft_args('none', image_folder, tmp_path, '--model', 'vit_tiny', '--patch_size', '8',
                               '--img_size', '32', '--resume', str(tmp_path / 'foreign.pth')))
+
+
+def test_official_mae_checkpoint_layout_loads(tmp_path):
+    """Official MAE checkpoints: {'model': flat weights (decoder included), 'args': argparse.Namespace, ...}."""
+    import argparse
+    from mae import MAE, VIT_SIZES
+    official = MAE(img_size=32, patch_size=8, **VIT_SIZES['vit_tiny'], decoder_dim=32, decoder_depth=1)
+    torch.save(dict(model=official.state_dict(), args=argparse.Namespace(model='mae_vit_tiny'), epoch=799),
+               tmp_path / 'mae_pretrain.pth')
+    encoder = finetune.load_encoder(ft_args(tmp_path / 'mae_pretrain.pth', 'unused', tmp_path, '--img_size', '32'))
+    assert torch.equal(encoder.blocks[11].mlp.fc1.weight, official.blocks[11].mlp.fc1.weight)

@@ -344,7 +344,8 @@ def save_checkpoint(state, path):
 
 def load_checkpoint(path, required_keys=()):
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, foreign or missing: one line, whatever torch raised
         fail(f'cannot read checkpoint {path}: {" ".join(str(e).split())[:300]}')
     missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]

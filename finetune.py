@@ -249,7 +249,7 @@ def knn_evaluate(classifier, train_loader, val_loader, num_classes, k, temperatu
 
 # -----------------------------------------------------------------------------------------------------------------
 
-def main(args):
+def evaluate_encoder(args):
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -297,7 +297,7 @@ def main(args):
             export_timm(None, encoder, args.export_timm)
         return
 
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    sampler = train.ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == 'cuda', drop_last=True)
     # Evaluation shards the validation set; DistributedSampler pads the last shard by repeating a few images.
@@ -321,15 +321,15 @@ def main(args):
     else:
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=0.9,
                                     weight_decay=args.weight_decay)
-    start_epoch, best_acc1 = 0, 0.0
+    start_epoch, best_acc1, ckpt = 0, 0.0, None
     resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
     if args.resume or resume.exists():
-        ckpt = train.load_checkpoint(resume, ('model', 'optimizer', 'epoch', 'best_acc1', 'args'))
+        ckpt = train.load_checkpoint(resume, ('model', 'optimizer', 'epoch', 'step', 'best_acc1', 'args'))
         train.load_state(model, ckpt['model'], resume)
         train.load_state(optimizer, ckpt['optimizer'], f'the optimizer state in {resume}')
         start_epoch, best_acc1 = ckpt['epoch'], ckpt['best_acc1']
         if is_main:
-            print(f'resumed from {resume} at epoch {start_epoch}')
+            print(f'resumed from {resume} at epoch {start_epoch}, step {ckpt["step"]}')
             train.truncate_log(out / 'log.jsonl', start_epoch)
     raw_model = model
     if world_size > 1:
@@ -341,13 +341,21 @@ def main(args):
     steps_per_epoch = len(loader)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
-        torch.manual_seed(hash((args.seed, epoch, rank)))  # as train.py: resume without stored RNG state
+        train.seed_everything(args.seed, epoch, rank)  # as train.py: resume without stored RNG state
+        resuming_mid_epoch = ckpt and ckpt['step'] and epoch == start_epoch  # an epoch a signal interrupted
+        first_step = ckpt['step'] if resuming_mid_epoch else 0
+        loss_sum = ckpt['loss_sum'].to(device) if resuming_mid_epoch else torch.zeros((), device=device)
         sampler.set_epoch(epoch)
+        sampler.start = first_step * args.batch_size
         model.train()
         if args.mode == 'linprobe':
             raw_model.encoder.eval()  # frozen features
-        loss_sum, epoch_start = torch.zeros((), device=device), time.perf_counter()
-        for step, (imgs, labels) in enumerate(tqdm(loader, desc=f'epoch {epoch}', disable=not is_main)):
+        epoch_start = time.perf_counter()
+        batches = iter(loader)  # draws the loader's base seed from the RNG: restore the state after it
+        if resuming_mid_epoch:
+            train.restore_rng_states(ckpt['rng_state'], device)
+        progress = tqdm(batches, desc=f'epoch {epoch}', initial=first_step, total=steps_per_epoch, disable=not is_main)
+        for step, (imgs, labels) in enumerate(progress, start=first_step):
             lr = train.lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, peak_lr, args.min_lr)
             for group in optimizer.param_groups:
                 group['lr'] = lr * group.get('lr_scale', 1.0)
@@ -362,14 +370,25 @@ def main(args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
+            # A signal checkpoints this exact position (ranks agree every 50 steps) and ends the run with exit 0.
+            if ((world_size == 1 or (step + 1) % 50 == 0) and train.max_over_ranks(train.stop_requested)
+                    and step + 1 < steps_per_epoch):
+                if is_main:
+                    train.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                               epoch=epoch, step=step + 1, rng_state=train.rng_states(device),
+                                               loss_sum=loss_sum.cpu(), best_acc1=best_acc1, args=vars(args)),
+                                          out / 'checkpoint-last.pth')
+                    print(f'\nstopped by a signal in epoch {epoch} after step {step + 1}; the same command continues')
+                train.barrier()
+                return
         train_loss = train.all_reduce_mean(loss_sum / steps_per_epoch).item()
         if not math.isfinite(train_loss):
             fail(f'training loss is {train_loss} in epoch {epoch}; the last good checkpoint is {resume}')
         row = dict(epoch=epoch, train_loss=train_loss, lr=lr,
-                   img_per_s=round(steps_per_epoch * eff_batch / (time.perf_counter() - epoch_start), 1),
+                   img_per_s=round((steps_per_epoch - first_step) * eff_batch / (time.perf_counter() - epoch_start), 1),
                    **evaluate(model, val_loader, device, autocast))
         if is_main:
-            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=0,
                          best_acc1=max(best_acc1, row['val_acc1']), args=vars(args))
             if row['val_acc1'] > best_acc1:
                 train.save_checkpoint(state, out / 'checkpoint-best.pth')
@@ -383,8 +402,11 @@ def main(args):
         print(f'best val top-1: {best_acc1:.2f}%')
         if args.export_timm:
             export_timm(raw_model if args.mode == 'finetune' else None, raw_model.encoder, args.export_timm)
-    if train.dist.is_initialized():
-        train.dist.destroy_process_group()
+
+
+def main(args):
+    with train.stop_on_signals():
+        evaluate_encoder(args)
 
 
 if __name__ == '__main__':

@@ -43,7 +43,7 @@ def get_args_parser():
     parser.add_argument('--gpu_data', action='store_true', help='pass --gpu_data to pre-training')
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--smoke', action='store_true',
-                        help='a minuscule run of the whole protocol (1 epoch each, tiny batches) to check it end to end')
+                        help='a minuscule run of the whole protocol (1-2 epochs, tiny batches) to check it end to end')
     return parser
 
 
@@ -87,7 +87,8 @@ def line_chart(curves, path, title):
     longest = max(len(c) for c in curves.values())
     for i, (name, losses) in enumerate(curves.items()):
         points = [(margin + (width - 2 * margin) * e / max(1, longest - 1),
-                   height - margin - (height - 2 * margin) * min(1.0, loss / losses[0])) for e, loss in enumerate(losses)]
+                   height - margin - (height - 2 * margin) * min(1.0, loss / losses[0]))
+                  for e, loss in enumerate(losses)]
         draw.line(points if len(points) > 1 else points * 2, fill=colours[i % len(colours)], width=2)
         draw.text((width - margin - 120, margin + 8 + 14 * i), name, fill=colours[i % len(colours)])
     draw.text((margin, height - margin + 8), f'epoch 0 .. {longest - 1}; loss / first epoch\'s loss (0 .. 1)',
@@ -135,8 +136,8 @@ def main(args):
                          pretrain_minutes=(seconds[name] + teacher_cost) / 60, **results))
     log.close()
 
-    lines = ['| method | teacher | pre-train epochs | pre-train wall-clock (min, teachers included) | fine-tune top-1 | '
-             'linear probe top-1 | k-NN top-1 |', '|---|---|---|---|---|---|---|']
+    lines = ['| method | teacher | pre-train epochs | pre-train wall-clock (min, teachers included) | '
+             'fine-tune top-1 | linear probe top-1 | k-NN top-1 |', '|---|---|---|---|---|---|---|']
     for r in rows:
         frozen = ' | '.join(f'{r[mode]:.1f}' if mode in r else '-' for mode in ('linprobe', 'knn'))
         lines.append(f'| {r["method"]} | {r["teacher"]} | {r["pretrain_epochs"]} | {r["pretrain_minutes"]:.1f} | '

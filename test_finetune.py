@@ -1,6 +1,8 @@
 """finetune.py: loading every method's encoder, the timm export, layer-decay groups, and the three modes."""
 
 import json
+import os
+import signal
 
 import pytest
 import timm
@@ -150,3 +152,26 @@ def test_official_mae_checkpoint_layout_loads(tmp_path):
                tmp_path / 'mae_pretrain.pth')
     encoder = finetune.load_encoder(ft_args(tmp_path / 'mae_pretrain.pth', 'unused', tmp_path, '--img_size', '32'))
     assert torch.equal(encoder.blocks[11].mlp.fc1.weight, official.blocks[11].mlp.fc1.weight)
+
+
+def test_signal_mid_epoch_checkpoints_and_the_rerun_continues_exactly(image_folder, tmp_path, monkeypatch):
+    flags = ['--model', 'vit_tiny', '--patch_size', '8', '--img_size', '32', '--epochs', '2']
+    finetune.main(ft_args('none', image_folder, tmp_path / 'straight', *flags))
+    calls, real = [0], finetune.Classifier.forward
+
+    def forward(self, imgs):  # a real SIGTERM from inside the second training step
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, imgs)
+
+    monkeypatch.setattr(finetune.Classifier, 'forward', forward)
+    finetune.main(ft_args('none', image_folder, tmp_path / 'stopped', *flags))
+    checkpoint = torch.load(tmp_path / 'stopped' / 'checkpoint-last.pth', weights_only=True)
+    assert (checkpoint['epoch'], checkpoint['step']) == (0, 2)
+    monkeypatch.undo()
+    finetune.main(ft_args('none', image_folder, tmp_path / 'stopped', *flags))
+    straight, stopped = ([json.loads(line) for line in (tmp_path / d / 'log.jsonl').read_text().splitlines()]
+                         for d in ('straight', 'stopped'))
+    assert [r['train_loss'] for r in stopped] == pytest.approx([r['train_loss'] for r in straight], rel=1e-4)
+    assert [r['val_loss'] for r in stopped] == pytest.approx([r['val_loss'] for r in straight], rel=1e-4)

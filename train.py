@@ -15,13 +15,15 @@ import itertools
 import json
 import math
 import os
+import random
 import signal
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -155,7 +157,31 @@ def max_over_ranks(value):
 
 
 def rng_states(device):
-    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == 'cuda' else [])
+    """Every RNG a step draws from, in a form torch.load(weights_only=True) reads back."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    states = dict(torch=torch.get_rng_state(), python=random.getstate(),
+                  numpy=(name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss))
+    if device.type == 'cuda':  # the masks are drawn on the GPU
+        states['cuda'] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states, device):
+    torch.set_rng_state(states['torch'])
+    random.setstate(states['python'])
+    name, keys, position, has_gauss, gauss = states['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    if device.type == 'cuda':
+        torch.cuda.set_rng_state(states['cuda'], device)
+
+
+def seed_everything(*keys):
+    """Seed torch, numpy (timm's Mixup) and Python's random (timm's RandAugment) from a tuple of ints: every (seed,
+    epoch, rank) gets its own streams, so a resumed run draws what an uninterrupted one would."""
+    seed = hash(keys) % 2 ** 32
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 stop_requested = False
@@ -164,6 +190,22 @@ stop_requested = False
 def request_stop(signum, frame):
     global stop_requested
     stop_requested = True
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM (pre-emption) and SIGINT (Ctrl-C) set stop_requested instead of killing the process, so that the loop
+    can checkpoint its exact position and exit 0; the previous handlers come back afterwards."""
+    global stop_requested
+    stop_requested = False
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -543,10 +585,10 @@ def pretrain(args):
     stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
     warmup_steps = args.warmup_epochs * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
-        # Every (epoch, rank) has its own RNG stream derived from --seed, so a resumed run draws the same masks,
+        # Every (epoch, rank) has its own RNG streams derived from --seed, so a resumed run draws the same masks,
         # augmentations and re-initialisations as an uninterrupted one without storing RNG state (data loader
-        # workers are seeded from it). Only a run stopped mid-epoch stores its state, to continue from there.
-        torch.manual_seed(hash((args.seed, epoch, rank)))
+        # workers are seeded from them). Only a run stopped mid-epoch stores its state, to continue from there.
+        seed_everything(args.seed, epoch, rank)
         if epoch in stage_starts[stage + 1:]:  # a stage boundary (dBOT §3): the student becomes the teacher
             stage += 1
             teacher = raw_model.next_stage(teacher)
@@ -575,9 +617,7 @@ def pretrain(args):
                    dynamic_ncols=True)
         batches = iter(loader)  # draws the loader's base seed from the RNG: restore the state after it
         if resuming_mid_epoch:
-            torch.set_rng_state(ckpt['rng_state'][0])
-            if device.type == 'cuda':  # the masks are drawn on the GPU
-                torch.cuda.set_rng_state(ckpt['rng_state'][1], device)
+            restore_rng_states(ckpt['rng_state'], device)
         for step in range(first_step, steps_per_epoch):
             lr = lr_at(step_in_stage + step, stage_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
@@ -658,17 +698,8 @@ def pretrain(args):
 
 
 def main(args):
-    """Pre-train, with SIGTERM (pre-emption) and SIGINT (Ctrl-C) turned into a checkpoint and a clean exit."""
-    global stop_requested
-    stop_requested = False
-    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_on_signals():
         pretrain(args)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == '__main__':

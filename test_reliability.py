@@ -202,6 +202,8 @@ def test_unreadable_images_are_skipped_with_a_warning_and_counted(image_folder, 
     assert logged(tmp_path / 'out', 'skipped_images') == [2]
     err = capfd.readouterr().err
     assert 'garbage.jpg' in err and 'truncated.jpg' in err
+    run_in_process(broken, tmp_path / 'gpu_data', '--epochs', '2', '--gpu_data')  # decoded once, reported each epoch
+    assert logged(tmp_path / 'gpu_data', 'skipped_images') == [2, 2]
 
 
 # 6. DDP equivalence -----------------------------------------------------------------------------------------------

@@ -608,8 +608,8 @@ def pretrain(args):
             loss_sum, term_sums = ckpt['loss_sum'].to(device), ckpt['term_sums']
         sampler.set_epoch(epoch)
         sampler.start = first_step * args.batch_size * args.accum_iter
-        if isinstance(dataset, ImageFolderSkippingBroken):
-            dataset.skipped.zero_()
+        if isinstance(dataset, ImageFolderSkippingBroken) and not args.gpu_data:  # --gpu_data decoded them once:
+            dataset.skipped.zero_()                                               # the same ones stand in each epoch
         model.train()
         nonfinite_step, skipped_steps = torch.full((), -1, device=device), 0
         last_log_step, last_log_time, epoch_start = first_step, time.perf_counter(), time.perf_counter()

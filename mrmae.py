@@ -45,13 +45,18 @@ class FrozenViT(nn.Module):
         block = self.backbone.blocks[-1]
         return block.norm1, block.attn.qkv.weight, block.attn.qkv.bias, block.attn.num_heads
 
-    def forward(self, imgs, attention=False):
-        """-> the last block's patch tokens (B, L, D_t), before any final norm or projection, and with attention=True
-        the last layer's [CLS] -> patch attention averaged over heads (B, L), else None."""
+    def prepare(self, imgs):
+        """ImageNet-normalised images -> this teacher's normalisation, at the size that puts its grid on the
+        student's."""
         x = imgs * self.scale + self.shift
         if x.shape[-2:] != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode='bicubic', align_corners=False, antialias=True)
-        before_last, last = self.last_two_blocks(x)
+        return x
+
+    def forward(self, imgs, attention=False):
+        """-> the last block's patch tokens (B, L, D_t), before any final norm or projection, and with attention=True
+        the last layer's [CLS] -> patch attention averaged over heads (B, L), else None."""
+        before_last, last = self.last_two_blocks(self.prepare(imgs))
         if not attention:
             return last[:, 1:], None
         norm, qkv_weight, qkv_bias, heads = self.last_block()

@@ -209,3 +209,25 @@ def test_reinitialised_student_is_identical_on_every_rank():
     mp.spawn(_reinit_on_rank, args=(2, port, results), nprocs=2)
     assert results[0][0] and results[1][0]  # identical after the broadcast
     assert results[0][1] and not results[1][1]  # rank 1 had drawn different weights and took rank 0's
+
+
+def test_clip_teacher_cosine_loss_and_hash_only_checkpoint(image_folder, tmp_path):
+    import mrmae
+    clip_file, _ = mrmae.save_standin_weights(tmp_path / 'teachers')
+    args = teacher_args(model='vit_small', teacher='clip', clip_model='ViT-S-16', clip_weights=str(clip_file))
+    teacher = DBOT.build_teacher(args)
+    model = DBOT.from_args(args, teacher)
+    assert model.cosine_loss and all(not p.requires_grad for p in teacher.parameters())
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        targets = teacher(imgs)
+    assert targets.shape == (2, 1 + 16, 384)  # cls included, on the student's 4 x 4 grid
+    mask = torch.ones(2, 16)
+    assert model.forward_loss(3 * whiten(targets), targets, mask).item() == pytest.approx(-1.0, abs=1e-5)
+    with pytest.raises(ValueError, match='width 384; the student vit_tiny has 192'):
+        DBOT.build_teacher(teacher_args(teacher='clip', clip_model='ViT-S-16', clip_weights=str(clip_file)))
+    rows = run(image_folder, tmp_path / 'run', '--model', 'vit_small', '--teacher', 'clip', '--clip_model',
+               'ViT-S-16', '--clip_weights', str(clip_file), '--stages', '1', '--epochs', '1')
+    assert abs(rows[0]['loss']) < 0.2  # a negative cosine near 0 for a fresh student (SmoothL1 sits near 0.4)
+    saved = torch.load(tmp_path / 'run' / 'checkpoint-last.pth', weights_only=True)['teacher']
+    assert set(saved) == {'model', 'weights', 'sha256'}  # the file's hash, not CLIP's weights

@@ -370,9 +370,7 @@ def evaluate_encoder(args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-            # A signal checkpoints this exact position (ranks agree every 50 steps) and ends the run with exit 0.
-            if ((world_size == 1 or (step + 1) % 50 == 0) and train.max_over_ranks(train.stop_requested)
-                    and step + 1 < steps_per_epoch):
+            if train.signal_stops_here(step, steps_per_epoch, world_size, check_every=50):  # checkpoint, exit 0
                 if is_main:
                     train.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                                epoch=epoch, step=step + 1, rng_state=train.rng_states(device),

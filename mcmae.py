@@ -15,7 +15,6 @@ stem's stride is a quarter of it).
 MR-MCMAE = this encoder + MR-MAE's mimic heads on the visible stage-3 tokens (mrmae.Mimic).
 """
 
-import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 

@@ -3,7 +3,6 @@ touches."""
 
 import json
 
-import open_clip
 import pytest
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD

@@ -192,6 +192,14 @@ def request_stop(signum, frame):
     stop_requested = True
 
 
+def signal_stops_here(step, steps_per_epoch, world_size, check_every):
+    """Whether a signal ends the run after this step: at once in one process; in DDP only every check_every steps,
+    where all ranks take part in the same vote (a signal in an epoch's last step lets the epoch finish)."""
+    if world_size > 1 and (step + 1) % check_every:
+        return False
+    return step + 1 < steps_per_epoch and bool(max_over_ranks(stop_requested))
+
+
 @contextmanager
 def stop_on_signals():
     """SIGTERM (pre-emption) and SIGINT (Ctrl-C) set stop_requested instead of killing the process, so that the loop
@@ -656,8 +664,7 @@ def pretrain(args):
                     postfix['mfu'] = f'{img_per_s / world_size / mfu_denominator:.1%}'
                 bar.set_postfix(postfix)
                 last_log_step, last_log_time = step + 1, now
-            # A signal is a local event: ranks agree on stopping where they sync anyway (every step in one process).
-            if (world_size == 1 or at_log_step) and max_over_ranks(stop_requested) and step + 1 < steps_per_epoch:
+            if signal_stops_here(step, steps_per_epoch, world_size, args.log_every):
                 check_finite(nonfinite_step, epoch, out)
                 if is_main:
                     save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,

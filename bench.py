@@ -17,7 +17,6 @@ import json
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -88,7 +87,7 @@ def bench_method(method, args, device, peak_flops):
     flops = train.flops_per_image(model, teacher, args, device)
     optimizer = train.build_optimizer(model, args, 1e-4, device)
     step_model = torch.compile(model) if args.compile else model
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    autocast = train.autocast_for(args, device)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
 
     def step():
@@ -97,7 +96,7 @@ def bench_method(method, args, device, peak_flops):
         optimizer.zero_grad(set_to_none=True)
 
     def teacher_forward():
-        with torch.inference_mode(), autocast:
+        with torch.no_grad(), autocast:
             teacher(imgs)
 
     if device.type == 'cuda':
@@ -107,7 +106,7 @@ def bench_method(method, args, device, peak_flops):
     img_per_s = args.batch_size / seconds
     return dict(method=method, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
                 device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                batch_size=args.batch_size, step_ms=round(seconds * 1e3, 2), img_per_s=round(img_per_s, 1),
+                batch_size=args.batch_size, precision=args.precision, compile=args.compile, step_ms=round(seconds * 1e3, 2), img_per_s=round(img_per_s, 1),
                 teacher_ms=round(teacher_seconds * 1e3, 2),
                 gflops_per_img=round(flops / 1e9, 3),
                 peak_mem_mb=round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == 'cuda' else None,

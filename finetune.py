@@ -16,7 +16,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -87,6 +86,8 @@ def get_args_parser():
     # system and output
     parser.add_argument('--seed', default=0, type=int)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--precision', default=None, choices=['bf16', 'fp32'],
+                        help='bf16 autocast or plain fp32 (default: bf16 on CUDA, fp32 on CPU)')
     parser.add_argument('--output_dir', default='./output/finetune')
     parser.add_argument('--resume', default='')
     parser.add_argument('--export_timm', default=None, help='write the encoder (with its head after fine-tuning) as '
@@ -260,7 +261,7 @@ def evaluate_encoder(args):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f'--output_dir {out} is not writable ({e})')
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    autocast = train.autocast_for(args, device)
     torch.manual_seed(args.seed)
 
     encoder = load_encoder(args)
@@ -317,7 +318,7 @@ def evaluate_encoder(args):
     peak_lr = args.lr or args.blr * eff_batch / 256
     if args.mode == 'finetune':
         optimizer = torch.optim.AdamW(param_groups_layer_decay(model, args.weight_decay, args.layer_decay),
-                                      lr=peak_lr, fused=device.type == 'cuda')
+                                      lr=peak_lr, fused=True)
     else:
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=0.9,
                                     weight_decay=args.weight_decay)
@@ -344,7 +345,9 @@ def evaluate_encoder(args):
         train.seed_everything(args.seed, epoch, rank)  # as train.py: resume without stored RNG state
         resuming_mid_epoch = ckpt and ckpt['step'] and epoch == start_epoch  # an epoch a signal interrupted
         first_step = ckpt['step'] if resuming_mid_epoch else 0
-        loss_sum = ckpt['loss_sum'].to(device) if resuming_mid_epoch else torch.zeros((), device=device)
+        if resuming_mid_epoch:
+            position = train.rank_position(ckpt, rank, world_size, resume)
+        loss_sum = position['loss_sum'].to(device) if resuming_mid_epoch else torch.zeros((), device=device)
         sampler.set_epoch(epoch)
         sampler.start = first_step * args.batch_size
         model.train()
@@ -353,7 +356,8 @@ def evaluate_encoder(args):
         epoch_start = time.perf_counter()
         batches = iter(loader)  # draws the loader's base seed from the RNG: restore the state after it
         if resuming_mid_epoch:
-            train.restore_rng_states(ckpt['rng_state'], device)
+            train.restore_rng_states(position['rng_state'], device)
+        stop_vote = train.StopVote(first_step, world_size)
         progress = tqdm(batches, desc=f'epoch {epoch}', initial=first_step, total=steps_per_epoch, disable=not is_main)
         for step, (imgs, labels) in enumerate(progress, start=first_step):
             lr = train.lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, peak_lr, args.min_lr)
@@ -370,12 +374,12 @@ def evaluate_encoder(args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-            if train.signal_stops_here(step, steps_per_epoch, world_size, check_every=50):  # checkpoint, exit 0
+            if stop_vote.stops_after(step, steps_per_epoch):  # checkpoint, exit 0
+                positions = train.rank_positions(device, loss_sum=loss_sum)
                 if is_main:
                     train.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                               epoch=epoch, step=step + 1, rng_state=train.rng_states(device),
-                                               loss_sum=loss_sum.cpu(), best_acc1=best_acc1, args=vars(args)),
-                                          out / 'checkpoint-last.pth')
+                                               epoch=epoch, step=step + 1, ranks=positions, best_acc1=best_acc1,
+                                               args=vars(args)), out / 'checkpoint-last.pth')
                     print(f'\nstopped by a signal in epoch {epoch} after step {step + 1}; the same command continues')
                 train.barrier()
                 return

@@ -68,8 +68,10 @@ def test_sigkill_then_the_same_command_gives_the_same_losses(images64, tmp_path,
 
 # 2. Graceful stop --------------------------------------------------------------------------------------------------
 
+# Call 1 of train.forward_backward in a run is flops_per_image's count at start-up; micro-steps are calls 2, 3, ...
+
 def signal_at_call(monkeypatch, call, signum):
-    """Send a real signal to this process from inside the call-th micro-step."""
+    """Send a real signal to this process from inside the call-th call of forward_backward."""
     calls, real = [0], train.forward_backward
 
     def forward_backward(*args, **kwargs):
@@ -84,7 +86,7 @@ def signal_at_call(monkeypatch, call, signum):
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_the_exact_position_and_the_rerun_continues_exactly(image_folder, tmp_path, monkeypatch, signum):
     run_in_process(image_folder, tmp_path / 'straight', '--epochs', '2')
-    signal_at_call(monkeypatch, 7, signum)  # epoch 1 (4 steps per epoch), step 2
+    signal_at_call(monkeypatch, 8, signum)  # epoch 1 (4 steps per epoch), step 2
     run_in_process(image_folder, tmp_path / 'stopped', '--epochs', '2')  # returns: exit code 0
     checkpoint = torch.load(tmp_path / 'stopped' / 'checkpoint-last.pth', weights_only=True)
     assert (checkpoint['epoch'], checkpoint['step']) == (1, 3)
@@ -152,7 +154,7 @@ def nan_at_calls(monkeypatch, calls_to_poison):
 
 
 def test_nan_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
-    nan_at_calls(monkeypatch, {6})  # epoch 1, step 1
+    nan_at_calls(monkeypatch, {7})  # epoch 1, step 1
     with pytest.raises(SystemExit, match=r'NaN or infinite in epoch 1 at step 1 .*lower --blr'):
         run_in_process(image_folder, tmp_path, '--epochs', '3')
     assert torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['epoch'] == 1  # epoch 0's, intact
@@ -160,11 +162,11 @@ def test_nan_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(imag
 
 
 def test_skip_nonfinite_skips_isolated_bad_steps(image_folder, tmp_path, monkeypatch):
-    nan_at_calls(monkeypatch, {2})
+    nan_at_calls(monkeypatch, {3})
     run_in_process(image_folder, tmp_path, '--epochs', '1', '--skip_nonfinite', '1')
     assert logged(tmp_path, 'skipped_steps') == [1]
     assert all(torch.isfinite(torch.tensor(loss)) for loss in logged(tmp_path))
-    nan_at_calls(monkeypatch, {1, 2})
+    nan_at_calls(monkeypatch, {2, 3})
     with pytest.raises(SystemExit, match='more than --skip_nonfinite 1'):
         run_in_process(image_folder, tmp_path / 'twice', '--epochs', '1', '--skip_nonfinite', '1')
 

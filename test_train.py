@@ -79,18 +79,19 @@ def test_folder_without_images_is_refused(tmp_path):
 def test_device_augmentation_is_a_crop_and_flip_of_the_image():
     torch.manual_seed(0)
     imgs = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
-    normalised = (imgs / 255 - torch.tensor(train.IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) \
-        / torch.tensor(train.IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    out = train.random_resized_crop_flip(imgs, 16, scale=(1, 1), ratio=(1, 1))  # the whole image: kept or flipped
+    mean = torch.tensor(train.IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(train.IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    normalised = (imgs / 255 - mean) / std
+    out = train.random_resized_crop_flip(imgs, 16, mean, std, scale=(1, 1), ratio=(1, 1))  # the whole image: kept or flipped
     kept = (out - normalised).flatten(1).abs().amax(dim=1) < 1e-4
     flipped = (out - normalised.flip(-1)).flatten(1).abs().amax(dim=1) < 1e-4
     assert torch.all(kept | flipped) and 10 < flipped.sum() < 54
-    crops = train.random_resized_crop_flip(imgs, 8)
+    crops = train.random_resized_crop_flip(imgs, 8, mean, std)
     assert crops.shape == (64, 3, 8, 8) and crops.min() >= normalised.min() - 1e-4
     torch.manual_seed(1)
-    first = train.random_resized_crop_flip(imgs, 8)
+    first = train.random_resized_crop_flip(imgs, 8, mean, std)
     torch.manual_seed(1)
-    assert torch.equal(first, train.random_resized_crop_flip(imgs, 8))
+    assert torch.equal(first, train.random_resized_crop_flip(imgs, 8, mean, std))
 
 
 def test_gpu_data_path_trains_on_any_device(image_folder, tmp_path):

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from torchvision import datasets, transforms
 from torchvision.utils import make_grid
 from tqdm import tqdm
@@ -103,6 +103,8 @@ def get_args_parser():
     parser.add_argument('--seed', default=0, type=int)
     # system and output
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--precision', default=None, choices=['bf16', 'fp32'],
+                        help='bf16 autocast or plain fp32 (default: bf16 on CUDA, fp32 on CPU)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
     parser.add_argument('--output_dir', default='./output')
     parser.add_argument('--resume', default='', help='checkpoint to resume from '
@@ -148,12 +150,22 @@ def barrier():
 
 
 def max_over_ranks(value):
-    """The largest of the ranks' values (a number, bool or scalar tensor): one decision that every rank shares."""
+    """The largest of the ranks' values (a number, bool, list or tensor; element-wise): one decision that every rank
+    shares. -> a float, or a list of floats."""
     value = torch.as_tensor(value, dtype=torch.float64)
     if dist.is_initialized():
         value = value.to('cuda' if dist.get_backend() == 'nccl' else 'cpu')
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item()
+    return value.tolist()
+
+
+def gather_from_ranks(obj):
+    """Every rank's obj (any picklable value), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 def rng_states(device):
@@ -171,8 +183,28 @@ def restore_rng_states(states, device):
     random.setstate(states['python'])
     name, keys, position, has_gauss, gauss = states['numpy']
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    if device.type == 'cuda':
+    # A checkpoint written on a CPU holds no CUDA state: the CUDA stream then stays as this epoch's seeding left it.
+    # (A GPU's state means nothing to a CPU: the masks come from the CPU stream, restored above.)
+    if device.type == 'cuda' and 'cuda' in states:
         torch.cuda.set_rng_state(states['cuda'], device)
+
+
+def rank_positions(device, **sums):
+    """Where every rank stands in an epoch that a signal interrupts: each rank's own RNG states (its masks, drop-path
+    and crops differ from the other ranks') and partial loss sums, gathered in rank order for the checkpoint."""
+    sums = {name: {k: v.cpu() for k, v in value.items()} if isinstance(value, dict) else value.cpu()
+            for name, value in sums.items()}
+    return gather_from_ranks(dict(rng_state=rng_states(device), **sums))
+
+
+def rank_position(checkpoint, rank, world_size, path):
+    """This rank's part of rank_positions() in a checkpoint. An epoch cut at a step continues only on as many
+    processes as it began with: each one's share of the epoch and its random streams belong to that split."""
+    positions = checkpoint.get('ranks') or [checkpoint]  # checkpoints of one process before per-rank positions
+    if len(positions) != world_size:
+        fail(f'{path} stopped mid-epoch in a run of {len(positions)} process(es); continue it with '
+             f'{len(positions)} (torchrun --nproc_per_node {len(positions)}), not {world_size}')
+    return positions[rank]
 
 
 def seed_everything(*keys):
@@ -192,12 +224,37 @@ def request_stop(signum, frame):
     stop_requested = True
 
 
-def signal_stops_here(step, steps_per_epoch, world_size, check_every):
-    """Whether a signal ends the run after this step: at once in one process; in DDP only every check_every steps,
-    where all ranks take part in the same vote (a signal in an epoch's last step lets the epoch finish)."""
-    if world_size > 1 and (step + 1) % check_every:
-        return False
-    return step + 1 < steps_per_epoch and bool(max_over_ranks(stop_requested))
+# How often ranks agree on a signal, in seconds: torchrun sends SIGKILL 30 s after SIGTERM, and rank 0 still has to
+# write the checkpoint after the vote.
+STOP_VOTE_SECONDS = 5.0
+
+
+class StopVote:
+    """Whether a signal ends the run after a step, decided alike on every rank. One process reads its own flag after
+    every step (no device work). Ranks must stop at the same step, so in DDP they vote: one all-reduce of (any signal,
+    seconds since the last vote), whose result tells every rank the same step time and hence the same next vote,
+    about STOP_VOTE_SECONDS later. A vote is a host sync; one every few seconds costs nothing measurable at any model
+    size, and a signal stops the run within a few seconds plus one step. A signal in an epoch's last step lets the
+    epoch end with its usual checkpoint; the next epoch's first vote stops the run."""
+
+    def __init__(self, first_step, world_size):
+        self.world_size = world_size
+        self.last_step, self.last_time, self.next_vote = first_step, time.perf_counter(), first_step + 1
+
+    def stops_after(self, step, steps_per_epoch):
+        done = step + 1
+        if done >= steps_per_epoch:
+            return False
+        if self.world_size == 1:
+            return stop_requested
+        if done < self.next_vote:
+            return False
+        now = time.perf_counter()
+        signalled, elapsed = max_over_ranks([stop_requested, now - self.last_time])
+        seconds_per_step = elapsed / (done - self.last_step)
+        self.next_vote = done + max(1, int(STOP_VOTE_SECONDS / max(seconds_per_step, 1e-9)))
+        self.last_step, self.last_time = done, now
+        return bool(signalled)
 
 
 @contextmanager
@@ -264,11 +321,12 @@ class ResumableSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), self.start, None)
 
 
-def random_resized_crop_flip(images, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop + horizontal flip + ImageNet normalisation for a whole uint8 batch (B, 3, H, W) on its
-    device: per image a box of area scale*H*W and log-uniform aspect ratio at a uniform position, flipped with
-    probability 1/2, resampled bicubically through one affine grid. Unlike torchvision, which re-draws a box that
-    does not fit, a box is clamped to the image."""
+def random_resized_crop_flip(images, size, mean, std, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop + horizontal flip + normalisation with mean and std ((1, 3, 1, 1) tensors on the images'
+    device) for a whole uint8 batch (B, 3, H, W) on its device: per image a box of area scale*H*W and log-uniform
+    aspect ratio at a uniform position, flipped with probability 1/2, resampled bicubically through one affine grid.
+    Unlike torchvision, which re-draws a box that does not fit, a box is clamped to the image. Nothing here waits for
+    the device: no value comes back to the host and no tensor is made from host data."""
     B, _, H, W = images.shape
     device = images.device
     area = H * W * torch.empty(B, device=device).uniform_(*scale)
@@ -282,8 +340,6 @@ def random_resized_crop_flip(images, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3
                          torch.stack([zero, h / H, 2 * cy / H - 1], dim=1)], dim=1)
     grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
     out = F.grid_sample(images.float() / 255, grid, mode='bicubic', padding_mode='border', align_corners=False)
-    mean = out.new_tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = out.new_tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     return (out.clamp(0, 1) - mean) / std
 
 
@@ -300,15 +356,20 @@ class DeviceImages:
             fail(f'--gpu_data needs images of one size, as in CIFAR or Tiny-ImageNet ({" ".join(str(e).split())})')
         self.images, self.labels = torch.cat(images).to(device), torch.cat(labels).to(device)
         self.sampler, self.batch_size, self.img_size = sampler, batch_size, img_size
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
 
     def __iter__(self):
+        """The epoch's order goes to the device once, here, at the start of the epoch; the batches follow lazily."""
         ids = torch.tensor(list(self.sampler), device=self.images.device)
-        for start in range(0, len(ids) - self.batch_size + 1, self.batch_size):
-            batch = ids[start:start + self.batch_size]
-            yield random_resized_crop_flip(self.images[batch], self.img_size), self.labels[batch]
+        starts = range(0, len(ids) - self.batch_size + 1, self.batch_size)
+        return (self.batch(ids[start:start + self.batch_size]) for start in starts)
+
+    def batch(self, ids):
+        return random_resized_crop_flip(self.images[ids], self.img_size, self.mean, self.std), self.labels[ids]
 
 
 def build_dataset(args, split, transform):
@@ -350,8 +411,9 @@ def param_groups(model, weight_decay):
 
 
 def build_optimizer(model, args, lr, device):
-    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95),
-                             fused=device.type == 'cuda')
+    """AdamW (MAE §A.1: betas 0.9, 0.95). Fused on every device: one kernel per step, and its step count lives on the
+    device, so the update never reads a value back to the host."""
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
 
 
 def broadcast_parameters(module):
@@ -370,8 +432,10 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
 
 
 def forward_backward(model, teacher, imgs, mask_ratio, autocast, loss_scale=1.0):
-    """One micro-batch: the frozen teacher's targets without autograd, then the model's loss and its gradients."""
-    with torch.inference_mode(), autocast:
+    """One micro-batch: the frozen teacher's targets without autograd, then the model's loss and its gradients.
+    no_grad, not inference_mode: a compiled student may save the targets for its backward pass (dBOT whitens them
+    inside the graph), and autograd refuses to save inference tensors."""
+    with torch.no_grad(), autocast:
         targets = teacher(imgs) if teacher is not None else None
     with autocast:
         loss, _, _ = model(imgs, mask_ratio, targets=targets)
@@ -444,14 +508,45 @@ def save_figure(rows, caption, path, min_size=128):
 # -----------------------------------------------------------------------------------------------------------------
 # Speed accounting (MFU on GPU)
 
+def fused_attention_flops(query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, *args,
+                          out_shape=None, **kwargs):
+    """nn.MultiheadAttention's fused inference kernel (open_clip's CLIP takes it in eval mode without autograd): the
+    q, k, v and output projections, and the two attention matmuls."""
+    (batch, queries, width), keys = query, key[1]
+    projections = 2 * batch * width * width * (2 * queries + 2 * keys)
+    return projections + 4 * batch * queries * keys * width
+
+
+def cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+def cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# Kernels torch.utils.flop_counter has no formula for, which would otherwise count as zero FLOPs.
+FLOP_FORMULAS = {torch.ops.aten._native_multi_head_attention: fused_attention_flops,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops}
+
+
+def count_flops(fn):
+    """The FLOPs of fn() as torch.utils.flop_counter counts them (matmuls, convolutions, attention), on every
+    device and through every attention kernel."""
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def flops_per_image(model, teacher, args, device):
-    """Training FLOPs of one image: the model's forward and backward plus the teacher's forward, as counted by
-    torch.utils.flop_counter on a batch of two."""
-    imgs = torch.randn(2, 3, args.img_size, args.img_size, device=device)
-    with FlopCounterMode(display=False) as counter:
-        forward_backward(model, teacher, imgs, args.mask_ratio, nullcontext())
+    """Training FLOPs of one image: the model's forward and backward plus the teacher's forward, counted on a batch of
+    two. The count draws its masks from a forked RNG: training draws the same whether or not it counts."""
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        imgs = torch.randn(2, 3, args.img_size, args.img_size, device=device)
+        flops = count_flops(lambda: forward_backward(model, teacher, imgs, args.mask_ratio, nullcontext()))
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / imgs.shape[0]
+    return flops / imgs.shape[0]
 
 
 def measured_peak_flops(device, n=8192, reps=20):
@@ -507,6 +602,14 @@ def validate_args(args):
                              for s in range(args.stages)]
 
 
+def autocast_for(args, device):
+    """--precision bf16: autocast to bfloat16 (no loss scaler needed, unlike fp16, which NaNs in long MAE runs), on
+    GPUs and, for tests and CPUs with bf16 matrix units, on CPUs alike; fp32: no autocast."""
+    if args.precision is None:
+        args.precision = 'bf16' if device.type == 'cuda' else 'fp32'
+    return torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == 'bf16' else nullcontext()
+
+
 def pretrain(args):
     refuse_unused_flags(args)
     validate_args(args)
@@ -519,8 +622,7 @@ def pretrain(args):
     except OSError as e:
         fail(f'--output_dir {out} is not writable ({e})')
 
-    # bf16 autocast on GPU (no loss scaler needed, unlike fp16, which NaNs in long MAE runs); fp32 on CPU.
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    autocast = autocast_for(args, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -572,9 +674,9 @@ def pretrain(args):
             print(f'nothing to do: {resume} has already trained {start_epoch} of {args.epochs} epochs')
         return
 
-    mfu_denominator = None
-    if device.type == 'cuda':
-        mfu_denominator = measured_peak_flops(device) / flops_per_image(model, teacher, args, device)
+    # Training FLOPs per image, for MFU against the card's measured peak; counted again when a stage changes the teacher.
+    peak_flops = measured_peak_flops(device) if device.type == 'cuda' else None
+    flops = flops_per_image(model, teacher, args, device)
     if args.compile:
         model = torch.compile(model)
     if world_size > 1:
@@ -604,6 +706,7 @@ def pretrain(args):
             # A fresh AdamW for the fresh student: the moments of the previous stage's converged network say nothing
             # about the new one's gradients (the official code keeps them; warmup makes the difference small).
             optimizer = build_optimizer(raw_model, args, peak_lr, device)
+            flops = flops_per_image(raw_model, teacher, args, device)  # e.g. --teacher_depth 0: a whole ViT now
             if is_main:
                 save_checkpoint(dict(model=raw_model.teacher_state(teacher), args=vars(args), stage=stage),
                                 out / f'teacher-stage{stage}.pth')
@@ -613,7 +716,9 @@ def pretrain(args):
         resuming_mid_epoch = ckpt and ckpt['step'] and epoch == start_epoch  # an epoch a signal interrupted
         first_step = ckpt['step'] if resuming_mid_epoch else 0
         if resuming_mid_epoch:
-            loss_sum, term_sums = ckpt['loss_sum'].to(device), ckpt['term_sums']
+            position = rank_position(ckpt, rank, world_size, resume)
+            loss_sum = position['loss_sum'].to(device)
+            term_sums = {name: value.to(device) for name, value in position['term_sums'].items()}
         sampler.set_epoch(epoch)
         sampler.start = first_step * args.batch_size * args.accum_iter
         if isinstance(dataset, ImageFolderSkippingBroken) and not args.gpu_data:  # --gpu_data decoded them once:
@@ -621,11 +726,12 @@ def pretrain(args):
         model.train()
         nonfinite_step, skipped_steps = torch.full((), -1, device=device), 0
         last_log_step, last_log_time, epoch_start = first_step, time.perf_counter(), time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f'epoch {epoch}', disable=not is_main,
-                   dynamic_ncols=True)
         batches = iter(loader)  # draws the loader's base seed from the RNG: restore the state after it
         if resuming_mid_epoch:
-            restore_rng_states(ckpt['rng_state'], device)
+            restore_rng_states(position['rng_state'], device)
+        stop_vote = StopVote(first_step, world_size)
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f'epoch {epoch}', disable=not is_main,
+                   dynamic_ncols=True)
         for step in range(first_step, steps_per_epoch):
             lr = lr_at(step_in_stage + step, stage_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
@@ -660,17 +766,18 @@ def pretrain(args):
                 img_per_s = (step + 1 - last_log_step) * eff_batch / (now - last_log_time)
                 mean_loss = loss_sum.item() / ((step + 1 - skipped_steps) * args.accum_iter)
                 postfix = dict(loss=f'{mean_loss:.4f}', lr=f'{lr:.2e}', img_s=f'{img_per_s:.0f}')
-                if mfu_denominator:
-                    postfix['mfu'] = f'{img_per_s / world_size / mfu_denominator:.1%}'
+                if peak_flops:
+                    postfix['mfu'] = f'{img_per_s / world_size * flops / peak_flops:.1%}'
                 bar.set_postfix(postfix)
                 last_log_step, last_log_time = step + 1, now
-            if signal_stops_here(step, steps_per_epoch, world_size, args.log_every):
+            if stop_vote.stops_after(step, steps_per_epoch):
                 check_finite(nonfinite_step, epoch, out)
+                positions = rank_positions(device, loss_sum=loss_sum, term_sums=term_sums)
                 if is_main:
                     save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                                         step=step + 1, rng_state=rng_states(device), loss_sum=loss_sum.cpu(),
-                                         term_sums=term_sums, stage=stage, teacher=raw_model.teacher_state(teacher),
-                                         args=vars(args)), out / 'checkpoint-last.pth')
+                                         step=step + 1, ranks=positions, stage=stage,
+                                         teacher=raw_model.teacher_state(teacher), args=vars(args)),
+                                    out / 'checkpoint-last.pth')
                     print(f'\nstopped by a signal in epoch {epoch} after step {step + 1} of {steps_per_epoch}; the '
                           f'same command continues from {out / "checkpoint-last.pth"}')
                 barrier()
@@ -681,10 +788,11 @@ def pretrain(args):
         micro_batches = (steps_per_epoch - skipped_steps) * args.accum_iter
         epoch_loss = all_reduce_mean(loss_sum / micro_batches).item()
         img_per_s = (steps_per_epoch - first_step) * eff_batch / (time.perf_counter() - epoch_start)
-        row = dict(epoch=epoch, stage=stage, loss=epoch_loss, lr=lr, img_per_s=round(img_per_s, 1))
+        row = dict(epoch=epoch, stage=stage, loss=epoch_loss, lr=lr, img_per_s=round(img_per_s, 1),
+                   gflops_per_img=round(flops / 1e9, 6))
         row.update({name: all_reduce_mean(total / micro_batches).item() for name, total in term_sums.items()})
-        if mfu_denominator:
-            row['mfu'] = round(img_per_s / world_size / mfu_denominator, 4)
+        if peak_flops:
+            row['mfu'] = round(img_per_s / world_size * flops / peak_flops, 4)
         row.update(skipped_steps=skipped_steps, skipped_images=int(dataset.skipped.sum())
                    if isinstance(dataset, ImageFolderSkippingBroken) else 0)
         if is_main:

@@ -85,7 +85,7 @@ def bench_method(method, args, device, peak_flops):
         model = train.METHODS[method].from_args(args, teacher).to(device)
         teacher = teacher.to(device) if teacher is not None else None
     flops = train.flops_per_image(model, teacher, args, device)
-    optimizer = train.build_optimizer(model, args, 1e-4, device)
+    optimizer = train.build_optimizer(model, args, 1e-4)
     step_model = torch.compile(model) if args.compile else model
     autocast = train.autocast_for(args, device)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)

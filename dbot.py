@@ -6,14 +6,28 @@ Only what the paper adds to MAE (mae.py): the decoder predicts a teacher's featu
 token; the targets are a frozen teacher's whitened last-block tokens of the full image; the loss is SmoothL1 on the
 hidden tokens and the cls token; and training runs in stages: at each boundary the student becomes the teacher and
 starts again from a fresh initialisation. The first teacher is the student's own random initialisation.
+
+With a CLIP teacher (--teacher clip, the paper's 85.7 row) the official code (its beit branch) differs on almost
+every axis, and its student is BEiT-style (mask tokens inside the encoder, relative position bias, layer scale, no
+decoder). Ours stays MAE-style: from that recipe it takes the targets (CLIP's patch tokens after ln_post and the
+visual projection, cls excluded), the loss (1 - mean cosine over the hidden tokens) and, in README's command, the
+optimiser settings. It is therefore not the 85.7 configuration.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae import VIT_SIZES, MAE, ViT, build_vit, denormalize, encoder_state_dict, read_encoder_state_dict, whiten
+from mae import VIT_SIZES, MAE, ViT, build_vit, denormalize, encoder_state_dict, read_encoder_state_dict
 from mrmae import load_clip
+
+
+def whiten(tokens):
+    """Per-token standardisation of the targets (dBOT §3), as the official code computes it: by the unbiased variance
+    (divided by D - 1) plus 1e-6, where a LayerNorm would use the biased one (0.9% apart in the loss at width 192)."""
+    tokens = tokens.float()
+    mean, var = tokens.mean(dim=-1, keepdim=True), tokens.var(dim=-1, keepdim=True)
+    return (tokens - mean) / (var + 1e-6) ** 0.5
 
 
 class Teacher(ViT):
@@ -25,25 +39,28 @@ class Teacher(ViT):
 
 
 class ClipTargets(nn.Module):
-    """A CLIP image tower as the first teacher (dBOT §4.3): its last block's tokens, cls included, on the student's
-    grid (loaded as for MR-MAE). The official code trains with it in a single stage (--stages 1: bootstrapping would
-    discard what CLIP learned from its extra data) and with a negative cosine loss."""
+    """A CLIP image tower as the first teacher (dBOT §4.3), loaded as for MR-MAE on the student's grid. As in the
+    official code the targets are its patch tokens after the final LayerNorm (ln_post) and the visual projection
+    into the joint image-text space (512-d for ViT-B/16), cls excluded; it trains in a single stage (--stages 1:
+    bootstrapping would discard what CLIP learned from its extra data)."""
 
     def __init__(self, clip, source):
         super().__init__()
         self.clip, self.source = clip, source  # source: the weights file and its SHA-256, kept in checkpoints
+        self.width = clip.backbone.proj.shape[1]
 
     def forward(self, imgs):
-        return self.clip.last_two_blocks(self.clip.prepare(imgs))[1]  # (B, 1 + L, D)
+        tokens = self.clip.last_two_blocks(self.clip.prepare(imgs))[1][:, 1:]
+        return self.clip.backbone.ln_post(tokens) @ self.clip.backbone.proj  # (B, L, CLIP's output width)
 
 
 class DBOT(MAE):
     default_stages = 2  # 2 for classification in the paper; 3 for detection and segmentation
     flags = ('teacher', 'teacher_depth', 'stages', 'stage_epochs', 'clip_model', 'clip_weights', 'clip_quick_gelu')
 
-    def __init__(self, embed_dim=768, cosine_loss=False, **kwargs):
+    def __init__(self, embed_dim=768, cosine_loss=False, pred_dim=None, **kwargs):
         kwargs.pop('norm_pix_loss', None)  # the targets are features, not pixels
-        super().__init__(embed_dim=embed_dim, pred_dim=embed_dim, **kwargs)
+        super().__init__(embed_dim=embed_dim, pred_dim=pred_dim or embed_dim, **kwargs)
         self.cosine_loss = cosine_loss  # with a CLIP teacher; bootstrapped teachers use SmoothL1
 
     @classmethod
@@ -55,13 +72,13 @@ class DBOT(MAE):
         size = VIT_SIZES[args.model]
         grid = (args.img_size // args.patch_size,) * 2
         if args.teacher == 'clip' and (state is None or 'sha256' in state):  # not yet replaced by a student
+            if args.stages != 1:
+                raise ValueError('--teacher clip trains a single stage, as the official code (a student of CLIP\'s '
+                                 'would discard what CLIP learned from its extra data): add --stages 1')
             clip, source = load_clip(args, grid)
             if state is not None and state['sha256'] != source['sha256']:
                 raise ValueError(f'--clip_weights {source["weights"]} is not the file this run started with')
-            if clip.width != size['embed_dim']:
-                raise ValueError(f'--clip_model {args.clip_model} has width {clip.width}; the student '
-                                 f'{args.model} has {size["embed_dim"]}')
-            return ClipTargets(clip, source)
+            return ClipTargets(clip, source).requires_grad_(False).eval()
         if state is None and args.teacher in (None, 'random'):
             depth = size['depth'] if args.teacher_depth is None else args.teacher_depth
             teacher = Teacher(args.img_size, args.patch_size, size['embed_dim'], depth, size['num_heads'])
@@ -77,7 +94,8 @@ class DBOT(MAE):
 
     @classmethod
     def from_args(cls, args, teacher=None):
-        student = super().from_args(args, teacher, cosine_loss=isinstance(teacher, ClipTargets))
+        clip = isinstance(teacher, ClipTargets)  # the decoder predicts CLIP's projected tokens
+        student = super().from_args(args, teacher, cosine_loss=clip, pred_dim=teacher.width if clip else None)
         if args.teacher in (None, 'random'):  # dBOT §3: the first teacher is the student's own initialisation
             student.load_state_dict(teacher.state_dict(), strict=False)
         return student
@@ -98,14 +116,14 @@ class DBOT(MAE):
         return teacher.to(self.cls_token.device).requires_grad_(False).eval()
 
     def forward_loss(self, pred, targets, mask):
-        """SmoothL1 (beta 2) per element, averaged over channels (or, with a CLIP teacher, the negative cosine per
-        token), then over the hidden tokens and the cls token.
-        pred, targets: (B, 1 + L, D); mask: (B, L), 1 = hidden. The targets are whitened here, outside the
-        teacher's inference mode, so that they are ordinary tensors that autograd may save."""
-        if self.cosine_loss:  # CLIP teacher: negative cosine, as the official code (on whitened targets: our reading)
-            loss = -F.cosine_similarity(pred.float(), whiten(targets), dim=-1)
-        else:
-            loss = F.smooth_l1_loss(pred.float(), whiten(targets), beta=2.0, reduction='none').mean(dim=-1)
+        """SmoothL1 (beta 2) on whitened targets per element, averaged over channels, then over the hidden tokens and
+        the cls token. pred, targets: (B, 1 + L, D); mask: (B, L), 1 = hidden.
+        With a CLIP teacher (targets (B, L, D'), no cls): 1 - cosine similarity per hidden token, averaged over them,
+        on the raw projected targets, as the official code."""
+        if self.cosine_loss:
+            loss = 1 - F.cosine_similarity(pred[:, 1:].float(), targets.float(), dim=-1, eps=1e-6)
+            return (loss * mask).sum() / mask.sum()
+        loss = F.smooth_l1_loss(pred.float(), whiten(targets), beta=2.0, reduction='none').mean(dim=-1)
         weight = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         return (loss * weight).sum() / weight.sum()
 
@@ -118,7 +136,7 @@ class DBOT(MAE):
     def visualize(self, imgs, pred, mask, targets=None):
         """The hidden tokens' target and predicted features, projected on the targets' first 3 principal
         components and shown as colours; visible tokens are grey."""
-        target = whiten(targets[:, 1:])
+        target = whiten(targets if self.cosine_loss else targets[:, 1:])  # CLIP's targets have no cls
         flat = target.flatten(0, 1)
         mean = flat.mean(dim=0)
         components = torch.linalg.svd(flat - mean, full_matrices=False).Vh[:3]  # (3, D)

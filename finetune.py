@@ -104,15 +104,20 @@ def load_encoder(args):
     pretrain, state = {}, None
     if args.checkpoint != 'none':
         checkpoint = train.load_checkpoint(args.checkpoint)
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get('args'), dict):
-            pretrain, state = checkpoint['args'], encoder_state_dict(checkpoint['model'])
+        saved_args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+        if isinstance(saved_args, argparse.Namespace):  # the official MAE, dBOT and ConvMAE code pickle theirs
+            saved_args = vars(saved_args)
+        if isinstance(saved_args, dict) and 'method' in saved_args:  # ours
+            pretrain, state = saved_args, encoder_state_dict(checkpoint['model'])
         else:
             try:  # a timm-format ViT (e.g. an --export_timm file, or DINO's): the weights tell the architecture
                 state = read_encoder_state_dict(args.checkpoint)
             except ValueError as e:
                 fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
-            vit = build_vit(state, args.img_size or 224)
-            pretrain = dict(method='mae', patch_size=vit.patch_size, img_size=args.img_size or 224,
+            # An official checkpoint names its pre-training size --input_size; a bare state dict names none.
+            img_size = args.img_size or (saved_args or {}).get('input_size') or 224
+            vit = build_vit(state, img_size)
+            pretrain = dict(method='mae', patch_size=vit.patch_size, img_size=img_size,
                             model=next((n for n, s in VIT_SIZES.items() if s['embed_dim'] == vit.cls_token.shape[-1]
                                         and s['depth'] == len(vit.blocks)), None))
             if pretrain['model'] is None:
@@ -153,6 +158,7 @@ class Classifier(nn.Module):
         width = encoder.norm.normalized_shape[0]
         if mode == 'finetune':
             encoder.norm = nn.Identity()
+            encoder.pos_embed.requires_grad_(True)  # fixed in pre-training; the official fine-tuning trains it
             self.fc_norm = nn.LayerNorm(width, eps=1e-6)
         else:
             encoder.requires_grad_(False)
@@ -186,7 +192,7 @@ def param_groups_layer_decay(model, weight_decay, layer_decay):
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        layer, no_decay = layer_id(name, num_layers), param.ndim < 2 or name.endswith('token')
+        layer, no_decay = layer_id(name, num_layers), param.ndim < 2 or name.endswith(('token', 'pos_embed'))
         group = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
                                                          lr_scale=layer_decay ** (num_layers - layer)))
         group['params'].append(param)

@@ -366,9 +366,8 @@ def gather_tokens(x, ids):
 
 
 def whiten(tokens):
-    """Per-token standardisation, a LayerNorm without affine parameters: how feature targets are normalised (dBOT §3,
-    MR-MAE). Apply it outside the teacher's inference mode: its output is then an ordinary tensor that autograd may
-    save for the backward pass of the loss, which an inference tensor may not be."""
+    """Per-token standardisation, a LayerNorm without affine parameters: how MR-MAE's feature targets are normalised
+    (our reading; dBOT has its official code's variant in dbot.py)."""
     return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=1e-6)
 
 

@@ -18,6 +18,9 @@ MR-MCMAE = this encoder + MR-MAE's mimic heads on the visible stage-3 tokens (mr
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 
+# The official convolution stages use LayerNorm's default eps, where the transformer blocks use 1e-6.
+CONV_NORM_EPS = 1e-5
+
 from mae import MAE, ViT, drop_path_rates, gather_tokens
 from mrmae import Mimic
 
@@ -28,7 +31,7 @@ class ConvEmbed(nn.Module):
     def __init__(self, in_dim, out_dim, stride):
         super().__init__()
         self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=stride, stride=stride)
-        self.norm = LayerNorm2d(out_dim, eps=1e-6)
+        self.norm = LayerNorm2d(out_dim, eps=CONV_NORM_EPS)
         self.act = nn.GELU()
 
     def forward(self, x):
@@ -52,11 +55,11 @@ class MaskedConvBlock(nn.Module):
 
     def __init__(self, dim, drop_path=0.0):
         super().__init__()
-        self.norm1 = LayerNorm2d(dim, eps=1e-6)
+        self.norm1 = LayerNorm2d(dim, eps=CONV_NORM_EPS)
         self.conv1 = nn.Conv2d(dim, dim, 1)
         self.attn = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
         self.conv2 = nn.Conv2d(dim, dim, 1)
-        self.norm2 = LayerNorm2d(dim, eps=1e-6)
+        self.norm2 = LayerNorm2d(dim, eps=CONV_NORM_EPS)
         self.mlp = ConvMlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -69,15 +72,14 @@ class ConvStages(nn.Module):
     """Stages 1-2 and the stage-3 embedding. (B, 3, H, W) and the visible mask on the stage-3 grid (B, 1, h, w) ->
     stage-3 tokens (B, L, D3), and the stage-1 and stage-2 maps (for the multi-scale fusion of pre-training)."""
 
-    def __init__(self, patch_size, dims, drop_path=0.0, depths=(2, 2)):
+    def __init__(self, patch_size, dims, rates=(0.0,) * 4, depths=(2, 2)):  # rates: drop path of each conv block
         super().__init__()
-        rates = drop_path_rates(drop_path, sum(depths))
         self.stem1 = ConvEmbed(3, dims[0], patch_size // 4)
         self.stage1 = nn.ModuleList(MaskedConvBlock(dims[0], r) for r in rates[:depths[0]])
         self.stem2 = ConvEmbed(dims[0], dims[1], 2)
         self.stage2 = nn.ModuleList(MaskedConvBlock(dims[1], r) for r in rates[depths[0]:])
         self.proj = nn.Conv2d(dims[1], dims[2], kernel_size=2, stride=2)  # the stage-3 patch embedding
-        self.norm = LayerNorm2d(dims[2], eps=1e-6)
+        self.norm = LayerNorm2d(dims[2], eps=CONV_NORM_EPS)
         self.act = nn.GELU()
         self.linear = nn.Linear(dims[2], dims[2])
 
@@ -103,9 +105,13 @@ class ConvViT(ViT):
                  drop_path=0.0, class_token=False):
         if patch_size % 4:
             raise ValueError(f'--patch_size {patch_size}: the hybrid encoder\'s overall stride must be divisible by 4')
-        super().__init__(img_size, patch_size, embed_dim, depth - 1, num_heads, mlp_ratio, drop_path,
-                         class_token=False)
-        self.patch_embed = ConvStages(patch_size, (embed_dim // 3, embed_dim // 2, embed_dim), drop_path)
+        super().__init__(img_size, patch_size, embed_dim, depth - 1, num_heads, mlp_ratio, class_token=False)
+        # Stochastic depth grows linearly over all 2 + 2 + (depth - 1) blocks, conv and transformer alike (the
+        # official fine-tuning rule).
+        rates = drop_path_rates(drop_path, 4 + depth - 1)
+        self.patch_embed = ConvStages(patch_size, (embed_dim // 3, embed_dim // 2, embed_dim), rates[:4])
+        for block, rate in zip(self.blocks, rates[4:]):
+            block.drop_path = DropPath(rate) if rate > 0 else nn.Identity()
 
     def embed(self, imgs):  # every position visible
         visible = imgs.new_ones(imgs.shape[0], 1, *self.grid_size)

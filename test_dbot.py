@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train
-from dbot import DBOT
-from mae import encoder_state_dict, whiten
+from dbot import DBOT, whiten
+from mae import encoder_state_dict
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_dim=32, decoder_depth=1,
             decoder_heads=4)
@@ -37,14 +37,15 @@ def test_whitening_and_loss_on_hand_checked_example():
     model = DBOT(**TINY)
     # one image, two patches: cls, patch 1 (hidden), patch 2 (visible); width 2
     targets = torch.tensor([[[1.0, 3.0], [0.0, 4.0], [5.0, 5.0]]])
-    torch.testing.assert_close(whiten(targets), torch.tensor([[[-1.0, 1.0], [-1.0, 1.0], [0.0, 0.0]]]),
-                               atol=1e-5, rtol=0)
-    pred = torch.tensor([[[-1.0, 2.0], [3.0, 1.0], [100.0, -100.0]]])
+    # the official code's whitening: unbiased variance, so (1, 3) -> (-1, 1) / sqrt(2), not (-1, 1)
+    r = 2 ** -0.5
+    torch.testing.assert_close(whiten(targets), torch.tensor([[[-r, r], [-r, r], [0.0, 0.0]]]), atol=1e-5, rtol=0)
+    pred = torch.tensor([[[-r, 2 + r], [3 - r, r], [100.0, -100.0]]])
     mask = torch.tensor([[1.0, 0.0]])
-    # cls: differences (0, 1) -> 0.5 * 1^2 / beta = 0.25 and 0 -> mean 0.125
-    # hidden patch: differences (4, 0) -> 4 - beta / 2 = 3 and 0 -> mean 1.5
-    # visible patch: excluded however wrong.  Loss = (0.125 + 1.5) / 2
-    assert model.forward_loss(pred, targets, mask).item() == pytest.approx(0.8125, abs=1e-5)
+    # cls: differences (0, 2) -> |d| >= beta: 2 - beta / 2 = 1, and 0 -> mean 0.5
+    # hidden patch: differences (3, 0) -> 3 - 1 = 2, and 0 -> mean 1
+    # visible patch: excluded however wrong.  Loss = (0.5 + 1) / 2
+    assert model.forward_loss(pred, targets, mask).item() == pytest.approx(0.75, abs=1e-5)
 
 
 def test_student_predicts_a_feature_for_every_token_including_cls():
@@ -75,7 +76,7 @@ def test_random_teacher_is_the_students_initialisation_and_frozen():
     model(imgs, targets=targets)[0].backward()
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert not teacher.training
-    optimizer = train.build_optimizer(model, teacher_args(), 1e-3, torch.device('cpu'))
+    optimizer = train.build_optimizer(model, teacher_args(), 1e-3)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group['params']}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
     assert not in_optimizer & {id(p) for p in teacher.parameters()}
@@ -214,20 +215,29 @@ def test_reinitialised_student_is_identical_on_every_rank():
 def test_clip_teacher_cosine_loss_and_hash_only_checkpoint(image_folder, tmp_path):
     import mrmae
     clip_file, _ = mrmae.save_standin_weights(tmp_path / 'teachers')
-    args = teacher_args(model='vit_small', teacher='clip', clip_model='ViT-S-16', clip_weights=str(clip_file))
+    # A ViT-Tiny student (width 192) of a ViT-S CLIP: the decoder predicts CLIP's projected tokens, whatever its width
+    args = teacher_args(teacher='clip', stages=1, clip_model='ViT-S-16', clip_weights=str(clip_file))
     teacher = DBOT.build_teacher(args)
     model = DBOT.from_args(args, teacher)
+    backbone = teacher.clip.backbone
     assert model.cosine_loss and all(not p.requires_grad for p in teacher.parameters())
+    assert model.decoder_pred.out_features == backbone.proj.shape[1] == backbone.output_dim
     imgs = torch.randn(2, 3, 32, 32)
-    with torch.inference_mode():
+    with torch.no_grad():
         targets = teacher(imgs)
-    assert targets.shape == (2, 1 + 16, 384)  # cls included, on the student's 4 x 4 grid
-    mask = torch.ones(2, 16)
-    assert model.forward_loss(3 * whiten(targets), targets, mask).item() == pytest.approx(-1.0, abs=1e-5)
-    with pytest.raises(ValueError, match='width 384; the student vit_tiny has 192'):
-        DBOT.build_teacher(teacher_args(teacher='clip', clip_model='ViT-S-16', clip_weights=str(clip_file)))
-    rows = run(image_folder, tmp_path / 'run', '--model', 'vit_small', '--teacher', 'clip', '--clip_model',
-               'ViT-S-16', '--clip_weights', str(clip_file), '--stages', '1', '--epochs', '1')
-    assert abs(rows[0]['loss']) < 0.2  # a negative cosine near 0 for a fresh student (SmoothL1 sits near 0.4)
+        # open_clip's own pooled image embedding is the cls token after the same ln_post and projection
+        tokens = teacher.clip.last_two_blocks(teacher.clip.prepare(imgs))[1]
+        torch.testing.assert_close(backbone.ln_post(tokens[:, 0]) @ backbone.proj, backbone(teacher.clip.prepare(imgs)))
+    assert targets.shape == (2, 16, backbone.output_dim)  # patch tokens only, on the student's 4 x 4 grid
+    mask = torch.zeros(2, 16)
+    mask[:, :4] = 1
+    pred = torch.cat([torch.randn(2, 1, backbone.output_dim), 3 * targets], dim=1)  # any cls, exact patches
+    pred[:, 5:] = torch.randn(2, 12, backbone.output_dim)  # wrong, but only on visible tokens
+    assert model.forward_loss(pred, targets, mask).item() == pytest.approx(0.0, abs=1e-5)  # 1 - cos on hidden ones
+    with pytest.raises(ValueError, match='single stage.*--stages 1'):
+        DBOT.build_teacher(teacher_args(teacher='clip', stages=2, clip_model='ViT-S-16', clip_weights=str(clip_file)))
+    rows = run(image_folder, tmp_path / 'run', '--teacher', 'clip', '--clip_model', 'ViT-S-16', '--clip_weights',
+               str(clip_file), '--stages', '1', '--epochs', '1')
+    assert abs(rows[0]['loss'] - 1) < 0.2  # 1 - cosine is near 1 for a fresh student
     saved = torch.load(tmp_path / 'run' / 'checkpoint-last.pth', weights_only=True)['teacher']
     assert set(saved) == {'model', 'weights', 'sha256'}  # the file's hash, not CLIP's weights

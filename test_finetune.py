@@ -148,10 +148,33 @@ def test_official_mae_checkpoint_layout_loads(tmp_path):
     import argparse
     from mae import MAE, VIT_SIZES
     official = MAE(img_size=32, patch_size=8, **VIT_SIZES['vit_tiny'], decoder_dim=32, decoder_depth=1)
-    torch.save(dict(model=official.state_dict(), args=argparse.Namespace(model='mae_vit_tiny'), epoch=799),
-               tmp_path / 'mae_pretrain.pth')
-    encoder = finetune.load_encoder(ft_args(tmp_path / 'mae_pretrain.pth', 'unused', tmp_path, '--img_size', '32'))
+    torch.save(dict(model=official.state_dict(), args=argparse.Namespace(model='mae_vit_tiny', input_size=32),
+                    epoch=799), tmp_path / 'mae_pretrain.pth')
+    args = ft_args(tmp_path / 'mae_pretrain.pth', 'unused', tmp_path)  # no --img_size: the checkpoint's 32 px
+    encoder = finetune.load_encoder(args)
+    assert args.img_size == 32 and args.patch_size == 8 and args.model == 'vit_tiny'
+    assert torch.equal(encoder.pos_embed, official.pos_embed)  # its own 4 x 4 grid, not resampled to 224 px
     assert torch.equal(encoder.blocks[11].mlp.fc1.weight, official.blocks[11].mlp.fc1.weight)
+
+
+@pytest.mark.parametrize('mode', ['finetune', 'linprobe'])
+def test_finetuning_trains_the_position_embedding_without_weight_decay(mode, tmp_path):
+    """Pre-training keeps the sin-cos position code fixed; the official MAE, dBOT and ConvMAE fine-tuning train it (in
+    the lowest layer-decay group, without weight decay). A linear probe trains nothing of the encoder."""
+    encoder = finetune.load_encoder(ft_args('none', 'unused', tmp_path, '--model', 'vit_tiny', '--patch_size', '8',
+                                            '--img_size', '32', '--mode', mode))
+    model = finetune.Classifier(encoder, 3, mode, 'mean')
+    before = encoder.pos_embed.detach().clone()
+    groups = finetune.param_groups_layer_decay(model, 0.05, 0.5)
+    group = next((g for g in groups if any(p is encoder.pos_embed for p in g['params'])), None)
+    if mode == 'linprobe':
+        assert group is None and not encoder.pos_embed.requires_grad
+        return
+    assert group['weight_decay'] == 0 and group['lr_scale'] == 0.5 ** 13
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    assert not torch.equal(encoder.pos_embed, before)
 
 
 def test_signal_mid_epoch_checkpoints_and_the_rerun_continues_exactly(image_folder, tmp_path, monkeypatch):

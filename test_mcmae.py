@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerNorm2d
 
 import mrmae
 import train
 from mae import VIT_SIZES
-from mcmae import MCMAE
+from mcmae import MCMAE, ConvViT
 
 
 def tiny_mcmae(img_size, patch_size=16):
@@ -97,3 +99,15 @@ def test_mrmcmae_trains_one_epoch_with_standin_teachers(image_folder, tmp_path):
 def test_patch_size_must_split_into_the_stage_strides(image_folder, tmp_path):
     with pytest.raises(SystemExit, match='must be divisible by 4'):
         run(image_folder, tmp_path, '--method', 'mcmae', '--patch_size', '2', '--img_size', '32')
+
+
+def test_conv_stages_match_the_official_norms_and_drop_path_rule():
+    """ConvMAE's convolution stages use LayerNorm's default eps (1e-5), its transformer blocks 1e-6; fine-tuning's
+    drop path rises linearly over all 2 + 2 + 11 blocks of ConvMAE-B, not per stage."""
+    encoder = ConvViT(224, 16, 768, 12, 12, drop_path=0.1)
+    conv_norms = [m for m in encoder.patch_embed.modules() if isinstance(m, LayerNorm2d)]
+    assert len(conv_norms) == 3 + 2 * 4 and {m.eps for m in conv_norms} == {1e-5}
+    assert {m.eps for m in encoder.blocks.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}
+    blocks = [*encoder.patch_embed.stage1, *encoder.patch_embed.stage2, *encoder.blocks]
+    rates = [block.drop_path.drop_prob if isinstance(block.drop_path, DropPath) else 0.0 for block in blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 15).tolist())

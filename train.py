@@ -97,6 +97,8 @@ def get_args_parser():
     parser.add_argument('--blr', default=1.5e-4, type=float, help='lr = blr * effective batch / 256')
     parser.add_argument('--lr', default=None, type=float, help='absolute lr; overrides --blr')
     parser.add_argument('--weight_decay', default=0.05, type=float)
+    parser.add_argument('--betas', default=(0.9, 0.95), type=float, nargs=2, help="AdamW's betas (MAE: 0.9 0.95)")
+    parser.add_argument('--opt_eps', default=1e-8, type=float, help="AdamW's eps")
     parser.add_argument('--clip_grad', default=None, type=float, help='max gradient norm (none by default)')
     parser.add_argument('--skip_nonfinite', default=0, type=int,
                         help='skip up to N steps per epoch whose loss is NaN/inf (costs a host sync per step)')
@@ -410,10 +412,11 @@ def param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def build_optimizer(model, args, lr, device):
+def build_optimizer(model, args, lr):
     """AdamW (MAE §A.1: betas 0.9, 0.95). Fused on every device: one kernel per step, and its step count lives on the
     device, so the update never reads a value back to the host."""
-    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=tuple(args.betas), eps=args.opt_eps,
+                             fused=True)
 
 
 def broadcast_parameters(module):
@@ -659,7 +662,7 @@ def pretrain(args):
     raw_model = model
     eff_batch = args.batch_size * args.accum_iter * world_size
     peak_lr = args.lr or args.blr * eff_batch / 256
-    optimizer = build_optimizer(model, args, peak_lr, device)
+    optimizer = build_optimizer(model, args, peak_lr)
 
     start_epoch, stage = 0, 0
     if ckpt:
@@ -705,7 +708,7 @@ def pretrain(args):
             broadcast_parameters(raw_model)
             # A fresh AdamW for the fresh student: the moments of the previous stage's converged network say nothing
             # about the new one's gradients (the official code keeps them; warmup makes the difference small).
-            optimizer = build_optimizer(raw_model, args, peak_lr, device)
+            optimizer = build_optimizer(raw_model, args, peak_lr)
             flops = flops_per_image(raw_model, teacher, args, device)  # e.g. --teacher_depth 0: a whole ViT now
             if is_main:
                 save_checkpoint(dict(model=raw_model.teacher_state(teacher), args=vars(args), stage=stage),

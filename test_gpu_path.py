@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import finetune
 import mae
 import mrmae
 import train
@@ -119,16 +120,17 @@ def _rank_main(rank, world_size, port, argv, sigterm_at_step, vote_seconds, step
     train.main(train.get_args_parser().parse_args(argv))
 
 
-def run_ranks(argv, sigterm_at_step=0, vote_seconds=5.0, step_seconds=0.0, masks_file=None, world_size=2):
+def run_ranks(argv, sigterm_at_step=0, vote_seconds=5.0, step_seconds=0.0, masks_file=None, world_size=2,
+              entry=_rank_main):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_main, nprocs=world_size,
+    mp.spawn(entry, nprocs=world_size,
              args=(world_size, port, argv, sigterm_at_step, vote_seconds, step_seconds, masks_file))
 
 
-def losses(out):
-    return [json.loads(line)['loss'] for line in (out / 'log.jsonl').read_text().splitlines()]
+def losses(out, key='loss'):
+    return [json.loads(line)[key] for line in (out / 'log.jsonl').read_text().splitlines()]
 
 
 @pytest.fixture(scope='module')
@@ -151,6 +153,42 @@ def test_two_ranks_stop_together_within_seconds_and_resume_each_from_its_own_pos
     run_ranks(argv(tmp_path / 'stopped'), masks_file=str(tmp_path / 'mask'))
     assert losses(tmp_path / 'stopped') == pytest.approx(losses(tmp_path / 'straight'), rel=1e-5)
     assert not torch.equal(torch.load(tmp_path / 'mask.0'), torch.load(tmp_path / 'mask.1'))  # their own masks
+
+
+def _finetune_rank_main(rank, world_size, port, argv, sigterm_at_step, vote_seconds, step_seconds, unused):
+    """As _rank_main, for finetune.py: rank 1 alone receives SIGTERM in its sigterm_at_step-th training forward."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    train.STOP_VOTE_SECONDS = vote_seconds
+    steps, real_forward = [0], finetune.Classifier.forward
+
+    def forward(self, imgs):
+        if self.training:
+            steps[0] += 1
+            time.sleep(step_seconds)
+            if rank == 1 and steps[0] == sigterm_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, imgs)
+
+    finetune.Classifier.forward = forward
+    finetune.main(finetune.get_args_parser().parse_args(argv))
+
+
+def test_finetuning_on_two_ranks_resumes_each_from_its_own_position(images64, tmp_path):
+    argv = lambda out: ['--checkpoint', 'none', '--model', 'vit_tiny', '--patch_size', '8', '--img_size', '32',
+                        '--data', str(images64), '--output_dir', str(out), '--batch_size', '4', '--epochs', '2',
+                        '--warmup_epochs', '1', '--num_workers', '0', '--device', 'cpu', '--crop_pct', '1.0']
+    run_ranks(argv(tmp_path / 'straight'), entry=_finetune_rank_main)
+    run_ranks(argv(tmp_path / 'stopped'), sigterm_at_step=8 + 3, vote_seconds=0.2, step_seconds=0.1,
+              entry=_finetune_rank_main)
+    checkpoint = torch.load(tmp_path / 'stopped' / 'checkpoint-last.pth', weights_only=True)
+    assert checkpoint['epoch'] == 1 and 3 <= checkpoint['step'] <= 6, checkpoint['step']
+    ranks = checkpoint['ranks']
+    assert not torch.equal(ranks[0]['rng_state']['torch'], ranks[1]['rng_state']['torch'])
+    run_ranks(argv(tmp_path / 'stopped'), entry=_finetune_rank_main)
+    assert losses(tmp_path / 'stopped', 'train_loss') == pytest.approx(losses(tmp_path / 'straight', 'train_loss'),
+                                                                       rel=1e-5)
 
 
 def test_an_epoch_cut_in_several_processes_continues_only_with_as_many(image_folder, tmp_path):

@@ -10,7 +10,7 @@ def test_bench_json_on_cpu(image_folder):
     result = subprocess.run(
         [sys.executable, 'bench.py', '--device', 'cpu', '--json', '--methods', 'mae,mrmae,dbot', '--batch_size', '2',
          '--steps', '1', '--warmup_steps', '0', '--clip_model', 'ViT-S-16', '--dino_model',
-         'vit_small_patch16_224.dino', '--data', str(image_folder), '--num_workers', '0'],
+         'vit_small_patch16_224.dino', '--data', str(image_folder), '--num_workers', '0', '--precision', 'bf16'],
         cwd=Path(__file__).parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
@@ -18,6 +18,7 @@ def test_bench_json_on_cpu(image_folder):
     for row in rows[:3]:
         assert {'method', 'model', 'device', 'batch_size', 'img_per_s', 'peak_mem_mb', 'mfu'} <= set(row)
         assert row['img_per_s'] > 0 and row['mfu'] is None and row['peak_mem_mb'] is None  # CPU
+        assert row['precision'] == 'bf16'  # the GPU's autocast path, here on the CPU
     assert rows[1]['gflops_per_img'] > rows[2]['gflops_per_img'] > rows[0]['gflops_per_img']  # teachers cost FLOPs
     assert rows[1]['teacher_ms'] > 0 and rows[0]['teacher_ms'] == 0
     assert rows[3]['img_per_s'] > 0

@@ -1,6 +1,7 @@
 """finetune.py: loading every method's encoder, the timm export, layer-decay groups, and the three modes."""
 
 import json
+import math
 import os
 import signal
 
@@ -106,6 +107,20 @@ def test_one_epoch_logs_validation_accuracy(mode, pretrained, image_folder, tmp_
     assert 0 <= rows[0]['val_acc1'] <= 100
     assert (tmp_path / 'checkpoint-best.pth').exists() and (tmp_path / 'checkpoint-last.pth').exists()
     assert 'best val top-1' in capsys.readouterr().out
+
+
+def test_finetuning_under_bf16_autocast_on_the_cpu(pretrained, image_folder, tmp_path, monkeypatch):
+    seen, real = [], finetune.Classifier.forward
+
+    def forward(self, imgs):
+        logits = real(self, imgs)
+        seen.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(finetune.Classifier, 'forward', forward)
+    finetune.main(ft_args(pretrained, image_folder, tmp_path, '--precision', 'bf16'))
+    row = json.loads((tmp_path / 'log.jsonl').read_text())
+    assert set(seen) == {torch.bfloat16} and math.isfinite(row['train_loss']) and math.isfinite(row['val_loss'])
 
 
 def test_knn_logs_accuracy(pretrained, image_folder, tmp_path):

@@ -135,8 +135,11 @@ def test_truncated_foreign_or_mismatched_resume_is_refused(image_folder, tmp_pat
     torch.save(timm.create_model('vit_tiny_patch16_224', pretrained=False).state_dict(), tmp_path / 'foreign.pth')
     with pytest.raises(SystemExit, match='not a checkpoint of this script'):
         run_in_process(image_folder, tmp_path / 'b', '--epochs', '2', '--resume', str(tmp_path / 'foreign.pth'))
-    with pytest.raises(SystemExit, match=r'does not fit this run: .*size mismatch for cls_token'):
+    with pytest.raises(SystemExit, match=r"belongs to another run: its --model is vit_tiny, this run's is vit_small"):
         run_in_process(image_folder, tmp_path / 'c', '--epochs', '2', '--model', 'vit_small',
+                       '--resume', str(tmp_path / 'run' / 'checkpoint-last.pth'))
+    with pytest.raises(SystemExit, match=r'does not fit this run: .*size mismatch for decoder_embed'):
+        run_in_process(image_folder, tmp_path / 'd', '--epochs', '2', '--decoder_dim', '64',
                        '--resume', str(tmp_path / 'run' / 'checkpoint-last.pth'))
 
 

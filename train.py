@@ -11,6 +11,7 @@ A method plugs in through the small interface documented at the top of mae.py.
 """
 
 import argparse
+import fcntl
 import itertools
 import json
 import math
@@ -90,7 +91,7 @@ def get_args_parser():
     parser.add_argument('--stage_epochs', default=None, type=lambda s: [int(n) for n in s.split(',')],
                         help='epochs of each stage, e.g. 800,800 (overrides --epochs)')
     # optimisation
-    parser.add_argument('--epochs', default=200, type=int, help='in all stages together')
+    parser.add_argument('--epochs', default=None, type=int, help='in all stages together (default 200)')
     parser.add_argument('--warmup_epochs', default=10, type=int, help='at the start of every stage')
     parser.add_argument('--batch_size', default=256, type=int, help='per process')
     parser.add_argument('--accum_iter', default=1, type=int, help='micro-batches per optimizer step')
@@ -275,6 +276,57 @@ def stop_on_signals():
             dist.destroy_process_group()
 
 
+@contextmanager
+def exclusive_output_dir(path):
+    """One run per output folder. Every rank checks that the folder is writable (so that all of them stop with the
+    message); rank 0 holds an advisory lock on OUTPUT_DIR/.lock while the run lives, which the OS releases if the
+    process dies, so a second run on the folder is refused instead of interleaving its log and checkpoints."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        fail(f'--output_dir {path} is not writable ({e})')
+    if int(os.environ.get('RANK', 0)) != 0:
+        yield
+        return
+    with open(path / '.lock', 'a+') as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            fail(f'--output_dir {path} is in use by another run ({lock.read().strip() or "unknown process"}): wait '
+                 f'for it to end, or give another --output_dir')
+        lock.truncate(0)
+        lock.write(f'pid {os.getpid()} on {os.uname().nodename}')
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def run_identity(args, keys):
+    """The flags that make a checkpoint this run's (args: a Namespace or a checkpoint's dict); a data folder by its
+    absolute path."""
+    args = args if isinstance(args, dict) else vars(args)
+    identity = {key: args.get(key) for key in keys}
+    if 'data' in identity and identity['data'] not in ('cifar10', 'cifar100'):
+        identity['data'] = str(Path(identity['data']).resolve())
+    return identity
+
+
+def refuse_another_run(saved, current, path):
+    """Resuming a checkpoint of another run would mix two runs in one log and one model: say which flag differs."""
+    for key, value in current.items():
+        if saved.get(key) != value:
+            fail(f'{path} belongs to another run: its --{key} is {saved.get(key)}, this run\'s is {value}. Continue it '
+                 f'with its own flags, or start afresh with another --output_dir')
+
+
+PRETRAIN_IDENTITY = ('method', 'model', 'img_size', 'patch_size', 'data')
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -450,13 +502,21 @@ def forward_backward(model, teacher, imgs, mask_ratio, autocast, loss_scale=1.0)
 # Checkpoints, logs, figures
 
 def save_checkpoint(state, path):
-    """Write to a temp file, fsync, then rename: a kill during the save leaves the previous file intact."""
+    """Write to a temp file, fsync, then rename: a kill during the save leaves the previous file intact. A failed
+    write (a full disk) removes the temp file and ends the run in one line; the previous file still stands."""
     tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            fail(f'could not write {path} ({" ".join(str(e).split())[:200]}); the previous {path.name}, if any, is '
+                 f'intact: make room (or fix the folder) and rerun the same command')
+        raise
 
 
 def load_checkpoint(path, required_keys=()):
@@ -479,11 +539,22 @@ def load_state(module, state, source):
         fail(f'{source} does not fit this run: {" ".join(str(e).split())[:800]}')
 
 
-def truncate_log(log_path, next_epoch):
-    """Keep the rows of the epochs a resumed run will not repeat."""
-    if log_path.exists():
-        rows = [line for line in log_path.read_text().splitlines() if json.loads(line)['epoch'] < next_epoch]
-        log_path.write_text(''.join(row + '\n' for row in rows))
+def restore_log(log_path, next_epoch, last_row=None):
+    """Make log.jsonl say what the checkpoint covers, no more and no less: rows of epochs from next_epoch on (a run
+    killed after logging) go; the checkpoint's own last row, lost if a run died between the two writes, comes back; a
+    line that is no log row (a write cut short, a hand edit) is dropped with a warning."""
+    rows = []
+    for number, line in enumerate(log_path.read_text().splitlines() if log_path.exists() else [], 1):
+        try:
+            row = json.loads(line)
+            keep = row['epoch'] < next_epoch
+        except (ValueError, KeyError, TypeError):
+            print(f'warning: dropping line {number} of {log_path}, not a log row: {line[:60]!r}', file=sys.stderr)
+            continue
+        rows += [row] if keep else []
+    if last_row is not None and last_row['epoch'] not in {row['epoch'] for row in rows}:
+        rows.append(last_row)
+    log_path.write_text(''.join(json.dumps(row) + '\n' for row in rows))
 
 
 def check_finite(nonfinite_step, epoch, out):
@@ -583,13 +654,37 @@ def refuse_unused_flags(args):
 
 
 def validate_args(args):
+    """Every flag checked before any work starts: a bad one ends the run in one line naming it."""
     method = METHODS[args.method]
+    for flag in ('img_size', 'patch_size', 'batch_size', 'accum_iter', 'log_every', 'vis_every', 'decoder_dim',
+                 'decoder_heads'):
+        if getattr(args, flag) < 1:
+            fail(f'--{flag} {getattr(args, flag)} must be at least 1')
+    for flag in ('warmup_epochs', 'num_workers', 'decoder_depth', 'skip_nonfinite', 'weight_decay', 'mimic_weight',
+                 'fusion_layers'):
+        if getattr(args, flag) < 0:
+            fail(f'--{flag} {getattr(args, flag)} must not be negative')
     if args.img_size % args.patch_size:
         fail(f'--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}')
+    if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
+        fail(f'--decoder_dim {args.decoder_dim} must be divisible by --decoder_heads {args.decoder_heads} and by 4 '
+             f'(its sin-cos position code)')
     if not 0 < args.mask_ratio < 1:
         fail(f'--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1')
-    if args.epochs < 1 or args.warmup_epochs < 0 or args.batch_size < 1 or args.accum_iter < 1:
-        fail('--epochs, --batch_size and --accum_iter must be positive and --warmup_epochs non-negative')
+    if not 0 <= args.drop_path < 1:
+        fail(f'--drop_path {args.drop_path} must lie in [0, 1)')
+    if args.blr <= 0 or (args.lr is not None and args.lr <= 0):
+        fail(f'--blr {args.blr} / --lr {args.lr}: a learning rate must be positive')
+    if not all(0 <= beta < 1 for beta in args.betas) or args.opt_eps <= 0:
+        fail(f'--betas {args.betas} must lie in [0, 1) and --opt_eps {args.opt_eps} be positive')
+    if args.clip_grad is not None and args.clip_grad <= 0:
+        fail(f'--clip_grad {args.clip_grad} must be positive (leave it out for no clipping)')
+    check_device(args.device)
+    depth = mae.VIT_SIZES[args.model]['depth']
+    if args.teacher_depth is not None and not 0 <= args.teacher_depth <= depth:
+        fail(f'--teacher_depth {args.teacher_depth}: {args.model} has {depth} blocks to keep (0 to {depth})')
+    if args.fusion_layers > depth:
+        fail(f'--fusion_layers {args.fusion_layers}: {args.model} has {depth} blocks to mix')
     if args.stages is None:
         args.stages = len(args.stage_epochs) if args.stage_epochs else method.default_stages
     if args.stages < 1:
@@ -597,12 +692,28 @@ def validate_args(args):
     if args.stage_epochs:
         if len(args.stage_epochs) != args.stages or min(args.stage_epochs) < 1:
             fail(f'--stage_epochs {args.stage_epochs} must give {args.stages} positive epoch counts')
+        if args.epochs is not None and args.epochs != sum(args.stage_epochs):
+            fail(f'--epochs {args.epochs} disagrees with --stage_epochs {args.stage_epochs} '
+                 f'({sum(args.stage_epochs)} in all): give one of them')
         args.epochs = sum(args.stage_epochs)
-    elif args.epochs < args.stages:
+        return
+    args.epochs = 200 if args.epochs is None else args.epochs
+    if args.epochs < args.stages:
         fail(f'--epochs {args.epochs} is fewer than --stages {args.stages}')
-    else:  # an even split; the last stages take the remainder
-        args.stage_epochs = [args.epochs // args.stages + (s >= args.stages - args.epochs % args.stages)
-                             for s in range(args.stages)]
+    # an even split; the last stages take the remainder
+    args.stage_epochs = [args.epochs // args.stages + (s >= args.stages - args.epochs % args.stages)
+                         for s in range(args.stages)]
+
+
+def check_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f'--device {name}: not a device name (cpu, cuda, cuda:1, ...)')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        fail(f'--device {name}: no CUDA device is visible to this process; use --device cpu')
+    if device.type not in ('cpu', 'cuda'):
+        fail(f'--device {name}: this script runs on cpu or cuda')
 
 
 def autocast_for(args, device):
@@ -614,16 +725,10 @@ def autocast_for(args, device):
 
 
 def pretrain(args):
-    refuse_unused_flags(args)
-    validate_args(args)
+    """The run, its flags already checked and its output folder held (main)."""
     rank, world_size, device = init_distributed(args.device)
     is_main = rank == 0
     out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()  # every rank checks, so that all of them stop with the message
-    except OSError as e:
-        fail(f'--output_dir {out} is not writable ({e})')
 
     autocast = autocast_for(args, device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -651,6 +756,9 @@ def pretrain(args):
     resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
     required = ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher', 'args')
     ckpt = load_checkpoint(resume, required) if args.resume or resume.exists() else None
+    if ckpt:
+        refuse_another_run(ckpt.get('identity') or run_identity(ckpt['args'], PRETRAIN_IDENTITY),
+                           run_identity(args, PRETRAIN_IDENTITY), resume)
     method = METHODS[args.method]
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     try:  # impossible configurations surface as ValueError from the method: one line, no traceback
@@ -671,7 +779,10 @@ def pretrain(args):
         start_epoch, stage = ckpt['epoch'], ckpt['stage']
         if is_main:
             print(f'resumed from {resume} at epoch {start_epoch}, step {ckpt["step"]} (stage {stage})')
-            truncate_log(out / 'log.jsonl', start_epoch)
+            restore_log(out / 'log.jsonl', start_epoch, ckpt.get('log_row'))
+            if ckpt['args']['stage_epochs'] != args.stage_epochs:
+                print(f'note: {resume} was trained on a schedule of {ckpt["args"]["stage_epochs"]} epochs per stage; '
+                      f'this run\'s is {args.stage_epochs}: the lr schedule continues re-stretched to it')
     if start_epoch >= args.epochs:
         if is_main:
             print(f'nothing to do: {resume} has already trained {start_epoch} of {args.epochs} epochs')
@@ -697,6 +808,7 @@ def pretrain(args):
 
     stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
     warmup_steps = args.warmup_epochs * steps_per_epoch
+    last_row = ckpt.get('log_row') if ckpt else None  # the log's last row, kept in every checkpoint
     for epoch in range(start_epoch, args.epochs):
         # Every (epoch, rank) has its own RNG streams derived from --seed, so a resumed run draws the same masks,
         # augmentations and re-initialisations as an uninterrupted one without storing RNG state (data loader
@@ -779,7 +891,8 @@ def pretrain(args):
                 if is_main:
                     save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
                                          step=step + 1, ranks=positions, stage=stage,
-                                         teacher=raw_model.teacher_state(teacher), args=vars(args)),
+                                         teacher=raw_model.teacher_state(teacher), args=vars(args),
+                                         identity=run_identity(args, PRETRAIN_IDENTITY), log_row=last_row),
                                     out / 'checkpoint-last.pth')
                     print(f'\nstopped by a signal in epoch {epoch} after step {step + 1} of {steps_per_epoch}; the '
                           f'same command continues from {out / "checkpoint-last.pth"}')
@@ -806,17 +919,22 @@ def pretrain(args):
                     _, pred, mask = raw_model(vis_imgs, args.mask_ratio, vis_noise.to(device), targets)
                     rows, caption = raw_model.visualize(vis_imgs, pred, mask, targets)
                 save_figure(rows, caption, out / f'vis-epoch{epoch:04d}.png')
+            # The checkpoint first, holding its row: the log never shows an epoch that no checkpoint covers.
+            save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                                 step=0, stage=stage, teacher=raw_model.teacher_state(teacher), args=vars(args),
+                                 identity=run_identity(args, PRETRAIN_IDENTITY), log_row=row),
+                            out / 'checkpoint-last.pth')
             with open(out / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(row) + '\n')
-            save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                                 step=0, stage=stage, teacher=raw_model.teacher_state(teacher), args=vars(args)),
-                            out / 'checkpoint-last.pth')
             tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+        last_row = row
         barrier()
 
 
 def main(args):
-    with stop_on_signals():
+    refuse_unused_flags(args)
+    validate_args(args)
+    with stop_on_signals(), exclusive_output_dir(args.output_dir):
         pretrain(args)
 
 

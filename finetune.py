@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import train
 from mae import VIT_SIZES, ViT, build_vit, encoder_state_dict, read_encoder_state_dict, resize_pos_embed
+from mrmae import sha256
 from train import fail
 
 # Per mode: MAE's fine-tuning recipe (§A.3: AdamW, layer decay, RandAugment, mixup/cutmix, label smoothing, random
@@ -88,11 +89,53 @@ def get_args_parser():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--precision', default=None, choices=['bf16', 'fp32'],
                         help='bf16 autocast or plain fp32 (default: bf16 on CUDA, fp32 on CPU)')
-    parser.add_argument('--output_dir', default='./output/finetune')
+    parser.add_argument('--output_dir', default=None, help='default: ./output/MODE, one folder per mode')
     parser.add_argument('--resume', default='')
     parser.add_argument('--export_timm', default=None, help='write the encoder (with its head after fine-tuning) as '
                         'a timm VisionTransformer state dict')
     return parser
+
+
+def validate_args(args):
+    """Every flag checked before any work starts: a bad one ends the run in one line naming it."""
+    for key, value in MODE_DEFAULTS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.output_dir = args.output_dir or f'./output/{args.mode}'
+    positive = ['batch_size', 'knn_k', 'nb_classes', 'img_size', 'patch_size'] + (['epochs'] * (args.mode != 'knn'))
+    for flag in positive:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            hint = ' (--mode knn evaluates without training)' if flag == 'epochs' else ''
+            fail(f'--{flag} {getattr(args, flag)} must be at least 1{hint}')
+    for flag in ('warmup_epochs', 'num_workers', 'min_lr', 'weight_decay', 'mixup', 'cutmix'):
+        if getattr(args, flag) < 0:
+            fail(f'--{flag} {getattr(args, flag)} must not be negative')
+    if args.mode != 'knn' and (args.blr <= 0 or (args.lr is not None and args.lr <= 0)):
+        fail(f'--blr {args.blr} / --lr {args.lr}: a learning rate must be positive')
+    for flag, low, high in (('layer_decay', 0, 1), ('crop_pct', 0, 1)):
+        if not low < getattr(args, flag) <= high:
+            fail(f'--{flag} {getattr(args, flag)} must lie in ({low}, {high}]')
+    for flag in ('drop_path', 'reprob', 'smoothing'):
+        if not 0 <= getattr(args, flag) < 1:
+            fail(f'--{flag} {getattr(args, flag)} must lie in [0, 1)')
+    if args.knn_t <= 0:
+        fail(f'--knn_t {args.knn_t}: the vote temperature must be positive')
+    if args.clip_grad is not None and args.clip_grad <= 0:
+        fail(f'--clip_grad {args.clip_grad} must be positive (leave it out for no clipping)')
+    train.check_device(args.device)
+    if args.export_timm:
+        folder = Path(args.export_timm).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            fail(f'--export_timm {args.export_timm}: cannot write into {folder}')
+    if args.checkpoint != 'none' and not Path(args.checkpoint).is_file():
+        fail(f'--checkpoint {args.checkpoint}: no such file (or none, to train from scratch)')
+
+
+def run_identity(args):
+    """What makes a fine-tuning checkpoint this run's: the pre-trained file (by content), the mode, the architecture
+    and the data."""
+    identity = train.run_identity(args, ('mode', 'method', 'model', 'img_size', 'patch_size', 'data'))
+    return dict(identity, checkpoint='none' if args.checkpoint == 'none' else f'sha256:{sha256(args.checkpoint)}')
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -114,9 +157,21 @@ def load_encoder(args):
                 state = read_encoder_state_dict(args.checkpoint)
             except ValueError as e:
                 fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
-            # An official checkpoint names its pre-training size --input_size; a bare state dict names none.
-            img_size = args.img_size or (saved_args or {}).get('input_size') or 224
-            vit = build_vit(state, img_size)
+            if 'norm.weight' not in state:  # a fine-tuned export: fc_norm and head in place of the final norm
+                if args.mode != 'finetune':
+                    fail(f'--checkpoint {args.checkpoint} is a fine-tuned classifier (it has no final norm): '
+                         f'--mode {args.mode} needs a pre-trained encoder')
+                width = state['patch_embed.proj.weight'].shape[0]  # fine-tuning replaces that norm anyway
+                state.update({'norm.weight': torch.ones(width), 'norm.bias': torch.zeros(width)})
+            # Its pre-training size: an official checkpoint's pickled --input_size, else the position embedding's
+            # grid times the patch size (a bare state dict names no size).
+            grid = int((state['pos_embed'].shape[1] - 1) ** 0.5)
+            patch = state['patch_embed.proj.weight'].shape[-1]
+            img_size = args.img_size or (saved_args or {}).get('input_size') or grid * patch
+            try:
+                vit = build_vit(state, img_size)
+            except ValueError as e:
+                fail(f'--checkpoint {args.checkpoint}: {e}')
             pretrain = dict(method='mae', patch_size=vit.patch_size, img_size=img_size,
                             model=next((n for n, s in VIT_SIZES.items() if s['embed_dim'] == vit.cls_token.shape[-1]
                                         and s['depth'] == len(vit.blocks)), None))
@@ -200,9 +255,8 @@ def param_groups_layer_decay(model, weight_decay, layer_decay):
 
 
 def export_timm(model, encoder, path):
-    """timm's VisionTransformer names: fine-tuned, the global_pool='avg' layout (fc_norm + head); else the encoder."""
-    if type(encoder) is not ViT:
-        fail(f'--export_timm: timm has no {type(encoder).__name__}; only ViT encoders export')
+    """timm's VisionTransformer names: fine-tuned, the global_pool='avg' layout (fc_norm + head); else the encoder
+    (a ViT: evaluate_encoder refuses other encoders before any work)."""
     state = {k.removeprefix('encoder.'): v for k, v in model.state_dict().items()} if model else encoder.state_dict()
     train.save_checkpoint(state, Path(path))
 
@@ -257,20 +311,16 @@ def knn_evaluate(classifier, train_loader, val_loader, num_classes, k, temperatu
 # -----------------------------------------------------------------------------------------------------------------
 
 def evaluate_encoder(args):
-    for key, value in MODE_DEFAULTS[args.mode].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    """The run, its flags already checked and its output folder held (main)."""
     rank, world_size, device = train.init_distributed(args.device)
     is_main = rank == 0
     out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f'--output_dir {out} is not writable ({e})')
     autocast = train.autocast_for(args, device)
     torch.manual_seed(args.seed)
 
     encoder = load_encoder(args)
+    if args.export_timm and type(encoder) is not ViT:
+        fail(f'--export_timm: timm has no {type(encoder).__name__}; only ViT encoders export')
     if args.pool is None:
         args.pool = 'cls' if encoder.num_prefix_tokens else 'mean'
     if args.pool == 'cls' and not encoder.num_prefix_tokens:
@@ -288,18 +338,30 @@ def evaluate_encoder(args):
     val_set = train.build_dataset(args, 'val', eval_tf)
     if val_set is None:
         fail(f'--data {args.data}: no val/ folder to evaluate on')
+    if val_set.classes != train_set.classes:
+        missing = sorted(set(train_set.classes) - set(val_set.classes))[:3]
+        extra = sorted(set(val_set.classes) - set(train_set.classes))[:3]
+        official = ' (Tiny-ImageNet\'s official val/images layout: sort val/images into class folders as in train/, ' \
+                   'with val_annotations.txt)' if 'images' in extra else ''
+        fail(f'--data {args.data}: val/ and train/ hold different classes (in train/ only: {missing}; in val/ only: '
+             f'{extra}){official}')
     num_classes = args.nb_classes or len(train_set.classes)
+    if num_classes < len(train_set.classes):
+        fail(f'--nb_classes {num_classes}: the data has {len(train_set.classes)} classes')
     model = Classifier(encoder, num_classes, args.mode, args.pool).to(device)
 
     if args.mode == 'knn':
         if world_size > 1:
             fail('--mode knn runs in one process (it trains nothing)')
         loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+        k = min(args.knn_k, len(train_set))  # the vote the result really came from
         result = knn_evaluate(model, DataLoader(train_set, **loader_kw), DataLoader(val_set, **loader_kw),
-                              num_classes, args.knn_k, args.knn_t, device)
+                              num_classes, k, args.knn_t, device)
         with open(out / 'log.jsonl', 'a') as f:
-            f.write(json.dumps(dict(mode='knn', k=args.knn_k, **result)) + '\n')
-        print(f'k-NN (k={args.knn_k}): top-1 {result["val_acc1"]:.2f}%, top-5 {result["val_acc5"]:.2f}%')
+            f.write(json.dumps(dict(mode='knn', k=k, checkpoint=args.checkpoint, **result)) + '\n')
+        fewer = f', all {k} training images: fewer than --knn_k {args.knn_k}' if k < args.knn_k else ''
+        print(f'k-NN (k={k}{fewer}) of {args.method}/{args.model} from {args.checkpoint}: '
+              f'top-1 {result["val_acc1"]:.2f}%, top-5 {result["val_acc5"]:.2f}%')
         if args.export_timm:
             export_timm(None, encoder, args.export_timm)
         return
@@ -329,15 +391,17 @@ def evaluate_encoder(args):
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=0.9,
                                     weight_decay=args.weight_decay)
     start_epoch, best_acc1, ckpt = 0, 0.0, None
+    identity = run_identity(args)
     resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
     if args.resume or resume.exists():
         ckpt = train.load_checkpoint(resume, ('model', 'optimizer', 'epoch', 'step', 'best_acc1', 'args'))
+        train.refuse_another_run(ckpt.get('identity', {}), identity, resume)
         train.load_state(model, ckpt['model'], resume)
         train.load_state(optimizer, ckpt['optimizer'], f'the optimizer state in {resume}')
         start_epoch, best_acc1 = ckpt['epoch'], ckpt['best_acc1']
         if is_main:
             print(f'resumed from {resume} at epoch {start_epoch}, step {ckpt["step"]}')
-            train.truncate_log(out / 'log.jsonl', start_epoch)
+            train.restore_log(out / 'log.jsonl', start_epoch, ckpt.get('log_row'))
     raw_model = model
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -347,6 +411,7 @@ def evaluate_encoder(args):
 
     steps_per_epoch = len(loader)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    last_row = ckpt.get('log_row') if ckpt else None  # the log's last row, kept in every checkpoint
     for epoch in range(start_epoch, args.epochs):
         train.seed_everything(args.seed, epoch, rank)  # as train.py: resume without stored RNG state
         resuming_mid_epoch = ckpt and ckpt['step'] and epoch == start_epoch  # an epoch a signal interrupted
@@ -385,7 +450,8 @@ def evaluate_encoder(args):
                 if is_main:
                     train.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                                epoch=epoch, step=step + 1, ranks=positions, best_acc1=best_acc1,
-                                               args=vars(args)), out / 'checkpoint-last.pth')
+                                               args=vars(args), identity=identity, log_row=last_row),
+                                          out / 'checkpoint-last.pth')
                     print(f'\nstopped by a signal in epoch {epoch} after step {step + 1}; the same command continues')
                 train.barrier()
                 return
@@ -397,14 +463,14 @@ def evaluate_encoder(args):
                    **evaluate(model, val_loader, device, autocast))
         if is_main:
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=0,
-                         best_acc1=max(best_acc1, row['val_acc1']), args=vars(args))
+                         best_acc1=max(best_acc1, row['val_acc1']), args=vars(args), identity=identity, log_row=row)
             if row['val_acc1'] > best_acc1:
                 train.save_checkpoint(state, out / 'checkpoint-best.pth')
             train.save_checkpoint(state, out / 'checkpoint-last.pth')
             with open(out / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(row) + '\n')
             tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
-        best_acc1 = max(best_acc1, row['val_acc1'])
+        best_acc1, last_row = max(best_acc1, row['val_acc1']), row
         train.barrier()
     if is_main:
         print(f'best val top-1: {best_acc1:.2f}%')
@@ -413,7 +479,8 @@ def evaluate_encoder(args):
 
 
 def main(args):
-    with train.stop_on_signals():
+    validate_args(args)
+    with train.stop_on_signals(), train.exclusive_output_dir(args.output_dir):
         evaluate_encoder(args)
 
 

@@ -110,8 +110,9 @@ def validate_args(args):
     for flag in ('warmup_epochs', 'num_workers', 'min_lr', 'weight_decay', 'mixup', 'cutmix'):
         if getattr(args, flag) < 0:
             fail(f'--{flag} {getattr(args, flag)} must not be negative')
-    if args.mode != 'knn' and (args.blr <= 0 or (args.lr is not None and args.lr <= 0)):
-        fail(f'--blr {args.blr} / --lr {args.lr}: a learning rate must be positive')
+    for flag in ('blr', 'lr'):
+        if args.mode != 'knn' and getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            fail(f'--{flag} {getattr(args, flag)} must be positive')
     for flag, low, high in (('layer_decay', 0, 1), ('crop_pct', 0, 1)):
         if not low < getattr(args, flag) <= high:
             fail(f'--{flag} {getattr(args, flag)} must lie in ({low}, {high}]')
@@ -480,7 +481,7 @@ def evaluate_encoder(args):
 
 def main(args):
     validate_args(args)
-    with train.stop_on_signals(), train.exclusive_output_dir(args.output_dir):
+    with train.stop_on_signals(), train.exclusive_output_dir(args.output_dir), train.unreadable_data_in_one_line():
         evaluate_encoder(args)
 
 

@@ -120,7 +120,8 @@ class ViT(nn.Module):
                  drop_path=0.0, class_token=True):
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f'image size {img_size} is not divisible by patch size {patch_size}')
+            raise ValueError(f'image size {img_size} is not divisible by patch size {patch_size} (--img_size, '
+                             f'--patch_size)')
         self.img_size, self.patch_size, self.num_heads = img_size, patch_size, num_heads
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -198,6 +199,9 @@ def read_encoder_state_dict(path):
     if not isinstance(checkpoint, dict):
         raise ValueError(f'{path}: holds no state dict')
     state = {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in checkpoint.items()}
+    if any(key.startswith('patch_embed.stem1.') for key in state):
+        raise ValueError(f'{path}: an MCMAE encoder (convolution stages before the transformer), which cannot serve '
+                         f'as a ViT; use a checkpoint of mae, mrmae or dbot')
     if 'patch_embed.proj.weight' not in state:
         raise ValueError(f'{path}: not a ViT encoder (no patch_embed.proj.weight among its keys)')
     return encoder_state_dict(state)

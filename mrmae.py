@@ -123,8 +123,12 @@ def weights_source(flag, value, hub_names):
     """A local weights file (the normal case here) or, where a network exists, a pretrained tag of the library."""
     if value in hub_names:
         return value, None
-    if value is None or not Path(value).is_file():
-        tags = f' or one of {", ".join(hub_names)} where a network exists' if hub_names else ''
+    tags = f' or one of {", ".join(hub_names)} where a network exists' if hub_names else ''
+    if value is None:
+        teacher = flag.removeprefix('--').removesuffix('_weights')
+        raise ValueError(f'--teacher {teacher} needs {flag} FILE, the local weights file (README: "MR-MAE" says where '
+                         f'to get it){tags}')
+    if not Path(value).is_file():
         raise ValueError(f'{flag} {value}: no such file. Give the local weights file (README: "MR-MAE" says where '
                          f'to get it){tags}')
     return str(value), sha256(value)

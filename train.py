@@ -119,7 +119,7 @@ def get_args_parser():
 
 def fail(message):
     """Bad input ends the run with one line naming the problem, not a traceback."""
-    raise SystemExit(f'error: {message}')
+    raise SystemExit(f'error: {" ".join(str(message).split())}')
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -306,6 +306,15 @@ def exclusive_output_dir(path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextmanager
+def unreadable_data_in_one_line():
+    """A data set without one readable image fails in a loader worker; say so in one line wherever it surfaces."""
+    try:
+        yield
+    except NoReadableImage as e:  # from a worker, its message ends the DataLoader's account of the worker's traceback
+        fail(str(e).strip().splitlines()[-1].removeprefix('NoReadableImage: '))
+
+
 def run_identity(args, keys):
     """The flags that make a checkpoint this run's (args: a Namespace or a checkpoint's dict); a data folder by its
     absolute path."""
@@ -364,7 +373,11 @@ class ImageFolderSkippingBroken(datasets.ImageFolder):
                 worker = get_worker_info()
                 self.skipped[worker.id + 1 if worker else 0] += 1
                 print(f'warning: skipping unreadable image {self.samples[i][0]} ({e})', file=sys.stderr)
-        raise RuntimeError(f'no readable image in {self.root}')
+        raise NoReadableImage(f'no readable image in {self.root}: every file failed to decode')
+
+
+class NoReadableImage(RuntimeError):
+    """Raised in a loader worker, re-raised by the DataLoader in the main process, and reported there in one line."""
 
 
 class ResumableSampler(DistributedSampler):
@@ -444,6 +457,9 @@ def build_dataset(args, split, transform):
     if not folder.is_dir():
         if split != 'train':
             return None
+        if (root / 'val').is_dir():
+            fail(f'--data {root} holds val/ but no train/: training on the validation images would make every later '
+                 f'evaluation meaningless; add train/')
         folder = root  # a plain folder of class sub-folders
     try:
         return ImageFolderSkippingBroken(folder, transform=transform)
@@ -673,10 +689,11 @@ def validate_args(args):
         fail(f'--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1')
     if not 0 <= args.drop_path < 1:
         fail(f'--drop_path {args.drop_path} must lie in [0, 1)')
-    if args.blr <= 0 or (args.lr is not None and args.lr <= 0):
-        fail(f'--blr {args.blr} / --lr {args.lr}: a learning rate must be positive')
-    if not all(0 <= beta < 1 for beta in args.betas) or args.opt_eps <= 0:
-        fail(f'--betas {args.betas} must lie in [0, 1) and --opt_eps {args.opt_eps} be positive')
+    for flag in ('blr', 'lr', 'opt_eps'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            fail(f'--{flag} {getattr(args, flag)} must be positive')
+    if not all(0 <= beta < 1 for beta in args.betas):
+        fail(f'--betas {" ".join(map(str, args.betas))}: each must lie in [0, 1)')
     if args.clip_grad is not None and args.clip_grad <= 0:
         fail(f'--clip_grad {args.clip_grad} must be positive (leave it out for no clipping)')
     check_device(args.device)
@@ -698,6 +715,8 @@ def validate_args(args):
         args.epochs = sum(args.stage_epochs)
         return
     args.epochs = 200 if args.epochs is None else args.epochs
+    if args.epochs < 1:
+        fail(f'--epochs {args.epochs} must be at least 1')
     if args.epochs < args.stages:
         fail(f'--epochs {args.epochs} is fewer than --stages {args.stages}')
     # an even split; the last stages take the remainder
@@ -934,7 +953,7 @@ def pretrain(args):
 def main(args):
     refuse_unused_flags(args)
     validate_args(args)
-    with stop_on_signals(), exclusive_output_dir(args.output_dir):
+    with stop_on_signals(), exclusive_output_dir(args.output_dir), unreadable_data_in_one_line():
         pretrain(args)
 
 

@@ -1,0 +1,258 @@
+"""Bad input, tried the way a new user and a hostile one would: every case must be refused in one line naming the
+flag or file (a non-zero exit, no traceback) or, where README calls the input valid, work correctly. The test tries
+them all in this process and reports the figure README quotes: tried, tracebacks, silently wrong."""
+
+import fcntl
+import json
+import os
+import shutil
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import finetune
+import train
+from conftest import make_image_folder
+
+PRETRAIN = ['--model', 'vit_tiny', '--img_size', '32', '--patch_size', '8', '--decoder_dim', '32', '--decoder_depth',
+            '1', '--batch_size', '4', '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0', '--device', 'cpu',
+            '--vis_every', '100']
+EVALUATE = ['--batch_size', '4', '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0', '--device', 'cpu',
+            '--crop_pct', '1.0']
+
+
+def attempt(script, argv):
+    """-> ('refused', message) | ('traceback', repr) | ('ran', None)."""
+    module = train if script == 'train' else finetune
+    try:
+        module.main(module.get_args_parser().parse_args(argv))
+    except SystemExit as e:
+        if e.code == 2:  # argparse: a value outside the choices or of the wrong type, with its usage line
+            return 'refused', 'argparse'
+        message = str(e.code)
+        ok = e.code not in (0, None) and message.startswith('error: ') and '\n' not in message.strip()
+        return ('refused', message) if ok else ('traceback', f'SystemExit({message!r})')
+    except Exception as e:  # noqa: BLE001 - the point is to catch whatever escapes
+        return 'traceback', f'{type(e).__name__}: {e}'
+    return 'ran', None
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    """Data sets, checkpoints and files that the cases need, made once."""
+    root = tmp_path_factory.mktemp('bad_input')
+    w = dict(root=root, data=make_image_folder(root / 'data'))
+    w['file'] = root / 'a_file'
+    w['file'].write_text('not a folder')
+    (root / 'empty' / 'train' / 'class_0').mkdir(parents=True)
+    w['empty'] = root / 'empty'
+    w['val_only'] = root / 'val_only'
+    shutil.copytree(w['data'] / 'val', w['val_only'] / 'val')
+    w['unreadable'] = root / 'unreadable'
+    for k in range(2):
+        folder = w['unreadable'] / 'train' / f'class_{k}'
+        folder.mkdir(parents=True)
+        for i in range(4):
+            (folder / f'{i}.jpg').write_bytes(b'not an image')
+    w['no_val'] = root / 'no_val'
+    shutil.copytree(w['data'] / 'train', w['no_val'] / 'train')
+    w['val_missing_class'] = root / 'val_missing_class'
+    shutil.copytree(w['data'], w['val_missing_class'])
+    shutil.rmtree(w['val_missing_class'] / 'val' / 'class_1')
+    w['official_val'] = root / 'official_val'  # Tiny-ImageNet as distributed: val/images/*.JPEG
+    shutil.copytree(w['data'] / 'train', w['official_val'] / 'train')
+    (w['official_val'] / 'val' / 'images').mkdir(parents=True)
+    for i in range(4):
+        Image.new('RGB', (40, 40)).save(w['official_val'] / 'val' / 'images' / f'val_{i}.JPEG')
+    # checkpoints of our runs
+    for method in ('mae', 'dbot', 'mcmae'):
+        assert attempt('train', ['--data', str(w['data']), '--output_dir', str(root / method), '--method', method,
+                                 *PRETRAIN, *(['--stages', '1'] if method == 'dbot' else [])])[0] == 'ran'
+        w[method] = root / method / 'checkpoint-last.pth'
+    raw = w['mae'].read_bytes()
+    w['truncated'] = root / 'truncated.pth'
+    w['truncated'].write_bytes(raw[:len(raw) // 2])
+    w['foreign'] = root / 'foreign.pth'
+    torch.save({'weights': torch.zeros(3)}, w['foreign'])
+    w['timm64'] = root / 'timm64.pth'  # a bare timm ViT-Tiny/8 trained at 64 px: 8 x 8 position grid
+    torch.save(timm.create_model('vit_tiny_patch16_224', patch_size=8, img_size=64, num_classes=0).state_dict(),
+               w['timm64'])
+    return w
+
+
+def cases(w):
+    """(script, argv, expect): expect 'refused', or a function of the output folder that checks a correct result."""
+    data, r = str(w['data']), w['root']
+    pre = lambda *extra: ['--data', data, *PRETRAIN, *extra]
+    ev = lambda checkpoint, *extra: ['--checkpoint', str(checkpoint), '--data', data, *EVALUATE, *extra]
+    scratch = ['--checkpoint', 'none', '--model', 'vit_tiny', '--patch_size', '8', '--img_size', '32']
+    out = []
+    bad_pretrain_flags = [
+        ['--img_size', '0'], ['--img_size', '-8'], ['--img_size', '30'], ['--patch_size', '0'], ['--patch_size', '-1'],
+        ['--batch_size', '0'], ['--batch_size', '-1'], ['--accum_iter', '0'], ['--epochs', '0'], ['--epochs', '-1'],
+        ['--warmup_epochs', '-1'], ['--blr', '0'], ['--blr', '-1e-4'], ['--lr', '-1'], ['--lr', '0'],
+        ['--weight_decay', '-0.1'], ['--mask_ratio', '0'], ['--mask_ratio', '1'], ['--mask_ratio', '1.5'],
+        ['--mask_ratio', '-0.1'], ['--drop_path', '-0.1'], ['--drop_path', '1.0'], ['--decoder_dim', '0'],
+        ['--decoder_dim', '30'], ['--decoder_heads', '0'], ['--decoder_heads', '3'], ['--decoder_depth', '-1'],
+        ['--log_every', '0'], ['--log_every', '-1'], ['--vis_every', '0'], ['--num_workers', '-1'],
+        ['--device', 'cuda'] if not torch.cuda.is_available() else ['--device', 'cuda:99'], ['--device', 'tpu'],
+        ['--device', 'bogus'], ['--betas', '1.0', '0.9'], ['--betas', '0.9', '-0.1'], ['--opt_eps', '0'],
+        ['--clip_grad', '0'], ['--clip_grad', '-1'], ['--skip_nonfinite', '-1'], ['--precision', 'fp16'],
+        ['--model', 'vit_giant'], ['--method', 'bogus'], ['--epochs', 'ten'],
+        ['--method', 'dbot', '--stages', '0'], ['--method', 'dbot', '--stage_epochs', '1,0'],
+        ['--method', 'dbot', '--stage_epochs', '1,1', '--stages', '3'],
+        ['--method', 'dbot', '--epochs', '5', '--stage_epochs', '1,1'], ['--method', 'dbot', '--teacher_depth', '100'],
+        ['--method', 'dbot', '--teacher_depth', '-1'], ['--method', 'mrmae', '--fusion_layers', '100'],
+        ['--method', 'mrmae', '--fusion_layers', '-1'], ['--method', 'mrmae', '--mimic_weight', '-1'],
+        ['--method', 'mae', '--teacher_depth', '0'], ['--method', 'mae', '--clip_weights', 'x.pth'],
+        ['--method', 'mae', '--stages', '2'], ['--method', 'dbot', '--mimic_weight', '2'],
+        ['--method', 'mcmae', '--patch_size', '6', '--img_size', '36'],
+        ['--method', 'mrmae'], ['--method', 'mrmae', '--teacher', 'clip', '--clip_weights', '/nonexistent.bin'],
+        ['--method', 'mrmae', '--teacher', 'dino', '--dino_model', 'bogus_model', '--dino_weights', str(w['foreign'])],
+        ['--method', 'mrmae', '--teacher', 'clip', '--clip_model', 'bogus', '--clip_weights', str(w['foreign'])],
+        ['--method', 'mrmae', '--teacher', 'clip', '--clip_model', 'ViT-S-16', '--clip_weights', str(w['foreign'])],
+        ['--method', 'dbot', '--teacher', 'clip', '--stages', '2', '--epochs', '2'],
+        ['--method', 'dbot', '--stages', '1', '--teacher', '/nonexistent.pth'], ['--method', 'dbot', '--stages', '1', '--teacher', str(w['foreign'])],
+        ['--method', 'dbot', '--stages', '1', '--teacher', str(w['truncated'])], ['--method', 'mrmae', '--teacher', str(w['foreign'])],
+        ['--method', 'dbot', '--stages', '1', '--teacher', str(w['mcmae'])], ['--method', 'mrmae', '--teacher', str(w['mcmae'])],
+        ['--method', 'mrmcmae', '--teacher', str(w['mcmae'])],
+    ]
+    for i, flags in enumerate(bad_pretrain_flags):
+        out.append(('train', pre('--output_dir', str(r / f'p{i}'), *flags), 'refused'))
+    for i, folder in enumerate(['/nonexistent', w['file'], w['empty'], w['val_only'], w['unreadable']]):
+        out.append(('train', ['--data', str(folder), *PRETRAIN, '--output_dir', str(r / f'd{i}')], 'refused'))
+    out += [
+        ('train', pre('--output_dir', str(w['file'] / 'out')), 'refused'),
+        ('train', pre('--output_dir', str(r / 'r0'), '--resume', '/nonexistent.pth'), 'refused'),
+        ('train', pre('--output_dir', str(r / 'r1'), '--resume', str(w['truncated'])), 'refused'),
+        ('train', pre('--output_dir', str(r / 'r2'), '--resume', str(w['foreign'])), 'refused'),
+        ('train', pre('--output_dir', str(r / 'r3'), '--resume', str(w['timm64'])), 'refused'),
+        ('train', pre('--output_dir', str(r / 'r4'), '--method', 'dbot', '--stages', '1', '--resume', str(w['mae'])), 'refused'),
+        ('train', pre('--output_dir', str(r / 'r5'), '--resume', str(w['dbot'])), 'refused'),
+        ('train', pre('--output_dir', str(r / 'r6'), '--model', 'vit_small', '--resume', str(w['mae'])), 'refused'),
+        ('train', pre('--output_dir', str(r / 'r7'), '--img_size', '64', '--resume', str(w['mae'])), 'refused'),
+        ('train', pre('--output_dir', str(r / 'r8'), '--data', str(w['no_val']), '--resume', str(w['mae'])),
+         'refused'),
+    ]
+    bad_evaluate = [
+        ev('/nonexistent.pth'), ev(w['foreign']), ev(w['truncated']), ev(w['file']), ['--checkpoint', 'none',
+                                                                                       '--data', data, *EVALUATE],
+        ev(w['mae'], '--batch_size', '0'), ev(w['mae'], '--epochs', '0'), ev(w['mae'], '--epochs', '-1'),
+        ev(w['mae'], '--mode', 'knn', '--knn_k', '0'), ev(w['mae'], '--mode', 'knn', '--knn_k', '-5'),
+        ev(w['mae'], '--mode', 'knn', '--knn_t', '0'), ev(w['mae'], '--mode', 'knn', '--knn_t', '-1'),
+        ev(w['mae'], '--nb_classes', '1'), ev(w['mae'], '--nb_classes', '0'), ev(w['mae'], '--blr', '-1'),
+        ev(w['mae'], '--lr', '0'), ev(w['mae'], '--layer_decay', '0'), ev(w['mae'], '--layer_decay', '1.5'),
+        ev(w['mae'], '--drop_path', '1.0'), ev(w['mae'], '--reprob', '1.5'), ev(w['mae'], '--smoothing', '1.0'),
+        ev(w['mae'], '--mixup', '-1'), ev(w['mae'], '--cutmix', '-1'), ev(w['mae'], '--crop_pct', '0'),
+        ev(w['mae'], '--crop_pct', '1.5'), ev(w['mae'], '--min_lr', '-1'), ev(w['mae'], '--weight_decay', '-1'),
+        ev(w['mae'], '--warmup_epochs', '-1'), ev(w['mae'], '--num_workers', '-1'), ev(w['mae'], '--img_size', '30'),
+        ev(w['mae'], '--img_size', '0'), ev(w['mae'], '--patch_size', '0'), ev(w['mae'], '--device', 'bogus'),
+        ev(w['mae'], '--device', 'cuda') if not torch.cuda.is_available() else ev(w['mae'], '--device', 'cuda:99'),
+        ev(w['mae'], '--mode', 'bogus'), ev(w['mae'], '--model', 'vit_giant'),
+        ev(w['mae'], '--export_timm', '/nonexistent/dir/x.pth'), ev(w['mcmae'], '--export_timm', str(r / 'x.pth')),
+        ev(w['mcmae'], '--mode', 'linprobe', '--pool', 'cls'), ev(w['mae'], '--clip_grad', '0'),
+        ['--checkpoint', str(w['mae']), '--data', str(w['no_val']), *EVALUATE],
+        ['--checkpoint', str(w['mae']), '--data', str(w['val_missing_class']), *EVALUATE, '--mode', 'knn'],
+        ['--checkpoint', str(w['mae']), '--data', str(w['official_val']), *EVALUATE],
+        ['--checkpoint', str(w['mae']), '--data', '/nonexistent', *EVALUATE],
+        ev(w['mae'], '--output_dir', str(w['file'] / 'out')),
+    ]
+    for i, argv in enumerate(bad_evaluate):
+        out.append(('finetune', argv + (['--output_dir', str(r / f'e{i}')] if '--output_dir' not in argv else []),
+                    'refused'))
+    return out
+
+
+def finetune_in_a_folder_of_another_run(w):
+    """A linear probe of dBOT in the folder of a finished linear probe of MAE must not resume MAE's."""
+    folder = w['root'] / 'shared_probe'
+    first = attempt('finetune', ['--checkpoint', str(w['mae']), '--data', str(w['data']), *EVALUATE, '--mode',
+                                 'linprobe', '--output_dir', str(folder)])
+    assert first[0] == 'ran', first
+    return [('finetune', ['--checkpoint', str(w['dbot']), '--data', str(w['data']), *EVALUATE, '--mode', 'linprobe',
+                          '--output_dir', str(folder)], 'refused'),
+            ('finetune', ['--checkpoint', str(w['mae']), '--data', str(w['data']), *EVALUATE, '--mode', 'finetune',
+                          '--output_dir', str(folder)], 'refused')]
+
+
+def test_bad_inputs_are_refused_in_one_line(world, capsys):
+    tried = cases(world) + finetune_in_a_folder_of_another_run(world)
+    outcomes = [(script, argv, expect, *attempt(script, argv)) for script, argv, expect in tried]
+    tracebacks = [(script, argv, detail) for script, argv, _, kind, detail in outcomes if kind == 'traceback']
+    silent = [(script, argv) for script, argv, expect, kind, _ in outcomes if expect == 'refused' and kind == 'ran']
+    with capsys.disabled():
+        print(f'\nbad inputs: {len(outcomes)} tried, {len(tracebacks)} tracebacks, {len(silent)} silently wrong')
+    assert len(outcomes) >= 100
+    assert tracebacks == [] and silent == []
+
+
+def test_inputs_readme_calls_valid_work_correctly(world):
+    root = world['root']
+    # a malformed log.jsonl (a write cut short) on resume: the line goes, with a warning, and the run continues
+    folder = root / 'malformed_log'
+    argv = ['--data', str(world['data']), *PRETRAIN, '--output_dir', str(folder)]
+    assert attempt('train', argv)[0] == 'ran'
+    with open(folder / 'log.jsonl', 'a') as f:
+        f.write('{"epoch": 1, "lo')
+    assert attempt('train', [*argv, '--epochs', '2'])[0] == 'ran'
+    rows = [json.loads(line) for line in (folder / 'log.jsonl').read_text().splitlines()]
+    assert [row['epoch'] for row in rows] == [0, 1]
+    # k-NN with fewer training images than --knn_k reports the k it used
+    knn = root / 'knn'
+    assert attempt('finetune', ['--checkpoint', str(world['mae']), '--data', str(world['data']), *EVALUATE, '--mode',
+                                'knn', '--output_dir', str(knn)])[0] == 'ran'
+    assert json.loads((knn / 'log.jsonl').read_text())['k'] == 16  # 16 training images, --knn_k 20
+    # a bare timm state dict of a 64 px model is evaluated at 64 px, not 224
+    args = finetune.get_args_parser().parse_args(['--checkpoint', str(world['timm64']), '--data', 'unused'])
+    encoder = finetune.load_encoder(args)
+    assert args.img_size == 64 and encoder.grid_size == (8, 8)
+    # our own fine-tuned export fine-tunes again
+    exported = root / 'exported.pth'
+    assert attempt('finetune', ['--checkpoint', str(world['mae']), '--data', str(world['data']), *EVALUATE,
+                                '--output_dir', str(root / 'export_run'), '--export_timm', str(exported)])[0] == 'ran'
+    assert attempt('finetune', ['--checkpoint', str(exported), '--data', str(world['data']), *EVALUATE,
+                                '--output_dir', str(root / 'refine')])[0] == 'ran'
+
+
+def test_a_folder_in_use_by_another_run_is_refused(world):
+    folder = world['root'] / 'busy'
+    folder.mkdir()
+    with open(folder / '.lock', 'a+') as lock:  # as a running train.py holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(f'pid {os.getpid()}')
+        lock.flush()
+        kind, message = attempt('train', ['--data', str(world['data']), *PRETRAIN, '--output_dir', str(folder)])
+    assert kind == 'refused' and 'in use by another run' in message
+    assert attempt('train', ['--data', str(world['data']), *PRETRAIN, '--output_dir', str(folder)])[0] == 'ran'
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_log_claims_nothing_unsaved(world, monkeypatch):
+    folder = world['root'] / 'full_disk'
+    argv = ['--data', str(world['data']), *PRETRAIN, '--output_dir', str(folder)]
+    assert attempt('train', argv)[0] == 'ran'
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b'x' * 1000)
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', full_disk)
+    kind, message = attempt('train', [*argv, '--epochs', '2'])
+    assert kind == 'refused' and 'No space left on device' in message
+    assert not list(folder.glob('*.tmp'))
+    assert [json.loads(line)['epoch'] for line in (folder / 'log.jsonl').read_text().splitlines()] == [0]
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert attempt('train', [*argv, '--epochs', '2'])[0] == 'ran'
+    assert [json.loads(line)['epoch'] for line in (folder / 'log.jsonl').read_text().splitlines()] == [0, 1]
+
+
+def test_a_run_killed_between_its_checkpoint_and_its_log_row_gets_the_row_back(world):
+    folder = world['root'] / 'lost_row'
+    argv = ['--data', str(world['data']), *PRETRAIN, '--output_dir', str(folder)]
+    assert attempt('train', [*argv, '--epochs', '2'])[0] == 'ran'
+    rows = (folder / 'log.jsonl').read_text().splitlines()
+    (folder / 'log.jsonl').write_text(rows[0] + '\n')  # the last row never reached the disk
+    assert attempt('train', [*argv, '--epochs', '2'])[0] == 'ran'  # nothing to train, but the log is mended
+    assert (folder / 'log.jsonl').read_text().splitlines() == rows

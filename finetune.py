@@ -260,6 +260,7 @@ def export_timm(model, encoder, path):
     (a ViT: evaluate_encoder refuses other encoders before any work)."""
     state = {k.removeprefix('encoder.'): v for k, v in model.state_dict().items()} if model else encoder.state_dict()
     train.save_checkpoint(state, Path(path))
+    print(f'wrote the {"fine-tuned classifier" if model else "encoder"} in timm\'s VisionTransformer layout to {path}')
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -290,13 +291,13 @@ def knn_evaluate(classifier, train_loader, val_loader, num_classes, k, temperatu
     votes for its class with weight exp(similarity / temperature)."""
     classifier.eval()
 
-    def extract(loader):
+    def extract(loader, split):
         features, labels = zip(*[(F.normalize(classifier.features(x.to(device)).float(), dim=1), y.to(device))
-                                 for x, y in loader])
+                                 for x, y in tqdm(loader, desc=f'k-NN: {split} features')])
         return torch.cat(features), torch.cat(labels)
 
-    bank, bank_labels = extract(train_loader)
-    queries, query_labels = extract(val_loader)
+    bank, bank_labels = extract(train_loader, 'train')
+    queries, query_labels = extract(val_loader, 'val')
     top1 = top5 = 0
     for start in range(0, len(queries), 256):
         similarity, neighbours = (queries[start:start + 256] @ bank.T).topk(min(k, len(bank)), dim=1)
@@ -446,6 +447,8 @@ def evaluate_encoder(args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
+            if (step + 1) % 50 == 0 or step + 1 == steps_per_epoch:  # a host sync: only now and then
+                progress.set_postfix(loss=f'{loss_sum.item() / (step + 1):.4f}', lr=f'{lr:.2e}')
             if stop_vote.stops_after(step, steps_per_epoch):  # checkpoint, exit 0
                 positions = train.rank_positions(device, loss_sum=loss_sum)
                 if is_main:

@@ -48,12 +48,20 @@ def get_args_parser():
 
 
 def run(script, argv, log):
-    """One train.py / finetune.py run, in this process; returns its wall-clock seconds."""
+    """One train.py / finetune.py run, in this process; returns its wall-clock seconds over every sitting that
+    trained it, kept in OUTPUT_DIR/wall_clock.json (a rerun that finds the run finished adds nothing)."""
     log.write(f'python {script.__name__}.py {shlex.join(argv)}\n')
     log.flush()
-    start = time.perf_counter()
+    out = Path(argv[argv.index('--output_dir') + 1])
+    logged = lambda: (out / 'log.jsonl').read_text() if (out / 'log.jsonl').exists() else ''
+    before, start = logged(), time.perf_counter()
     script.main(script.get_args_parser().parse_args(argv))
-    return time.perf_counter() - start
+    record = out / 'wall_clock.json'
+    seconds = json.loads(record.read_text())['seconds'] if record.exists() else 0.0
+    if logged() != before:  # it trained (or evaluated): its time counts
+        seconds += time.perf_counter() - start
+        record.write_text(json.dumps(dict(seconds=seconds)))
+    return seconds
 
 
 def last_row(path):

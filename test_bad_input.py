@@ -6,7 +6,11 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -256,3 +260,50 @@ def test_a_run_killed_between_its_checkpoint_and_its_log_row_gets_the_row_back(w
     (folder / 'log.jsonl').write_text(rows[0] + '\n')  # the last row never reached the disk
     assert attempt('train', [*argv, '--epochs', '2'])[0] == 'ran'  # nothing to train, but the log is mended
     assert (folder / 'log.jsonl').read_text().splitlines() == rows
+
+
+# What a user sees ----------------------------------------------------------------------------------------------------
+
+def test_sixteen_bit_greyscale_png_loads_as_its_grey_not_white(tmp_path):
+    folder = tmp_path / 'train' / 'class_0'
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(folder / 'grey16.png')  # mid-grey in 16 bits
+    image, _ = train.ImageFolderSkippingBroken(tmp_path / 'train', transform=None)[0]
+    assert image.mode == 'RGB' and set(np.asarray(image).flatten()) == {128}
+
+
+def test_progress_shows_loss_in_short_epochs_and_events_get_a_line(world, capfd):
+    """Epochs shorter than --log_every (50) still show loss / lr / img/s; a dBOT stage switch, a teacher file, an
+    export, a k-NN run and an unreadable image each get a line of their own."""
+    root = world['root']
+    assert attempt('train', ['--data', str(world['data']), *PRETRAIN, '--output_dir', str(root / 'events_dbot'),
+                             '--method', 'dbot', '--epochs', '2'])[0] == 'ran'
+    out, err = capfd.readouterr()
+    assert 'loss=' in err and 'img_s=' in err
+    assert 'stage 1: the student of stage 0 is the frozen teacher now' in out
+    assert attempt('train', ['--data', str(world['data']), *PRETRAIN, '--output_dir', str(root / 'events_teacher'),
+                             '--method', 'dbot', '--stages', '1', '--teacher', str(world['mae'])])[0] == 'ran'
+    assert f'teacher: {world["mae"]}' in capfd.readouterr().out
+    exported = root / 'events_export.pth'
+    assert attempt('finetune', ['--checkpoint', str(world['mae']), '--data', str(world['data']), *EVALUATE,
+                                '--output_dir', str(root / 'events_ft'), '--export_timm', str(exported)])[0] == 'ran'
+    out, err = capfd.readouterr()
+    assert f"timm's VisionTransformer layout to {exported}" in out and 'loss=' in err
+    assert attempt('finetune', ['--checkpoint', str(world['mae']), '--data', str(world['data']), *EVALUATE, '--mode',
+                                'knn', '--output_dir', str(root / 'events_knn')])[0] == 'ran'
+    assert 'k-NN: train features' in capfd.readouterr().err
+    broken = make_image_folder(root / 'events_broken')
+    (broken / 'train' / 'class_0' / 'garbage.jpg').write_bytes(b'not an image')
+    assert attempt('train', ['--data', str(broken), *PRETRAIN, '--output_dir', str(root / 'events_broken_out')])[0] \
+        == 'ran'
+    assert '\nwarning: skipping unreadable image' in capfd.readouterr().err
+
+
+def test_readme_timm_snippet_runs_outside_the_repository(world, tmp_path):
+    readme = (Path(__file__).parent / 'README.md').read_text()
+    snippet = readme.split('## Loading the encoder into timm')[1].split('```python')[1].split('```')[0]
+    (tmp_path / 'output').mkdir()
+    shutil.copy(world['mae'], tmp_path / 'output' / 'checkpoint-last.pth')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    result = subprocess.run([sys.executable, '-c', snippet], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1500:]

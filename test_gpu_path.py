@@ -253,24 +253,25 @@ class HostSyncs(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.active, self.seen = False, []
+        self.active, self.seen, self.bar = False, [], None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         host_data = name in ('lift_fresh', 'lift_fresh_copy') and args[0].dim() > 0
         if self.active and (name in self.READ_BACK or host_data):
-            self.seen.append(str(func))
+            self.seen.append((str(func), self.bar.n) if self.bar is not None else str(func))
         return func(*args, **(kwargs or {}))
 
 
 def test_no_host_sync_between_log_points_with_gpu_data(image_folder, tmp_path, monkeypatch):
-    """The step loop of an epoch without log points (the progress bar's life) must not wait for the device."""
+    """The step loop of an epoch (the progress bar's life) must not wait for the device before its one log point,
+    after its last step (--log_every beyond the epoch)."""
     syncs, real_tqdm = HostSyncs(), train.tqdm
 
     class WatchedBar(real_tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            syncs.active = True
+            syncs.active, syncs.bar = True, self
 
         def close(self):
             syncs.active = False
@@ -280,7 +281,8 @@ def test_no_host_sync_between_log_points_with_gpu_data(image_folder, tmp_path, m
     with syncs:
         rows = run(image_folder, tmp_path, '--gpu_data', '--epochs', '2', '--log_every', '1000')
     assert len(rows) == 2
-    assert syncs.seen == []
+    steps_per_epoch = 4  # 16 images, batch 4
+    assert syncs.seen and all(step == steps_per_epoch for _, step in syncs.seen)  # the last step's log point only
 
 
 def test_the_sync_detector_sees_what_it_must():

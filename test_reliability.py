@@ -267,3 +267,41 @@ def test_torchrun_two_processes_on_cpu_end_to_end(image_folder, tmp_path):
                             cwd=HERE, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(logged(tmp_path)) == 2 and (tmp_path / 'checkpoint-last.pth').exists()
+
+
+KILL_ONE_WORKER = '''
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+import train
+torch.set_num_threads(1)  # two workers on two cores
+steps, real = [0], train.forward_backward
+
+def forward_backward(model, teacher, imgs, *args):
+    steps[0] += len(imgs) != 2  # flops_per_image counts on two images; training batches here are of four
+    first_attempt = os.environ['TORCHELASTIC_RESTART_COUNT'] == '0'
+    if first_attempt and os.environ['RANK'] == '1' and steps[0] == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-epoch, with no chance to save anything
+    return real(model, teacher, imgs, *args)
+
+train.forward_backward = forward_backward
+train.main(train.get_args_parser().parse_args())
+'''
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_group_resumes_by_itself(images64, tmp_path):
+    """torchrun --max-restarts 1: rank 1 is SIGKILLed in epoch 1 (8 steps per epoch); torchrun restarts both workers,
+    which resume from the last checkpoint (epoch 1's start) and end with the uninterrupted run's losses."""
+    def torchrun(out, kill_at):
+        script = tmp_path / f'worker_{kill_at}.py'
+        script.write_text(KILL_ONE_WORKER.format(repo=str(HERE), kill_at=kill_at))
+        return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                               '--max-restarts', '1', str(script)] + flags(images64, out, '--epochs', '3'),
+                              cwd=HERE, capture_output=True, text=True)
+
+    straight = torchrun(tmp_path / 'straight', kill_at=0)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    restarted = torchrun(tmp_path / 'restarted', kill_at=8 + 3)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert 'resumed from' in restarted.stdout + restarted.stderr  # the restarted group found the checkpoint
+    assert logged(tmp_path / 'restarted') == pytest.approx(logged(tmp_path / 'straight'), rel=1e-4)

@@ -129,15 +129,18 @@ def init_distributed(device_name):
     """-> (rank, world_size, device). NCCL for GPUs, gloo for CPUs."""
     if 'RANK' not in os.environ:
         return 0, 1, torch.device(device_name)
-    rank, local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+    store, rank, world_size = next(dist.rendezvous('env://'))
+    # torchrun --max-restarts starts every attempt's workers on the same store: without a prefix of its own, an attempt
+    # can read the addresses a dead attempt's workers left there and fail to connect (seen with gloo).
+    store = dist.PrefixStore(f'attempt{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}/', store)
     if device_name.startswith('cuda'):
-        device = torch.device('cuda', local_rank)
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
         torch.cuda.set_device(device)
-        dist.init_process_group('nccl', device_id=device)
+        dist.init_process_group('nccl', store=store, rank=rank, world_size=world_size, device_id=device)
     else:
         device = torch.device('cpu')
-        dist.init_process_group('gloo')
-    return rank, dist.get_world_size(), device
+        dist.init_process_group('gloo', store=store, rank=rank, world_size=world_size)
+    return rank, world_size, device
 
 
 def all_reduce_mean(tensor):
@@ -356,12 +359,21 @@ def eval_transform(img_size):
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
+def load_rgb(path):
+    """An image file as 8-bit RGB. PIL's convert('RGB') clips 16-bit greyscale (modes I;16 and I) to white: scale
+    those to 8 bits first."""
+    with Image.open(path) as img:
+        if img.mode.startswith('I'):
+            img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
+        return img.convert('RGB')
+
+
 class ImageFolderSkippingBroken(datasets.ImageFolder):
     """An ImageFolder that replaces an unreadable image (corrupt, truncated) by the next readable one, with a warning
     naming the file. The count lives in shared memory, one slot per loader worker, so that it reaches log.jsonl."""
 
     def __init__(self, root, transform):
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=load_rgb)
         self.skipped = torch.zeros(1024, dtype=torch.int64).share_memory_()
 
     def __getitem__(self, index):
@@ -372,7 +384,8 @@ class ImageFolderSkippingBroken(datasets.ImageFolder):
             except OSError as e:  # PIL's unidentified and truncated images raise OSErrors
                 worker = get_worker_info()
                 self.skipped[worker.id + 1 if worker else 0] += 1
-                print(f'warning: skipping unreadable image {self.samples[i][0]} ({e})', file=sys.stderr)
+                # on a line of its own, not glued to the progress bar's
+                print(f'\nwarning: skipping unreadable image {self.samples[i][0]} ({e})', file=sys.stderr)
         raise NoReadableImage(f'no readable image in {self.root}: every file failed to decode')
 
 
@@ -821,6 +834,9 @@ def pretrain(args):
     vis_noise = torch.rand(len(vis_ids), raw_model.num_patches, generator=torch.Generator().manual_seed(0))
 
     if is_main:
+        if args.teacher not in (None, 'random'):  # which file teaches, and which loss term belongs to which file
+            print(f'teacher: {args.teacher}' + ''.join(f'; loss_mimic_{name} <- {source["weights"]}'
+                                                       for name, source in getattr(teacher, 'sources', {}).items()))
         n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
         print(f'{args.method} {args.model}: {n_params / 1e6:.1f}M trainable parameters; {len(dataset)} images; '
               f'{world_size} process(es) on {device}; effective batch {eff_batch}; peak lr {peak_lr:.3g}')
@@ -844,6 +860,8 @@ def pretrain(args):
             if is_main:
                 save_checkpoint(dict(model=raw_model.teacher_state(teacher), args=vars(args), stage=stage),
                                 out / f'teacher-stage{stage}.pth')
+                print(f'stage {stage}: the student of stage {stage - 1} is the frozen teacher now '
+                      f'({out / f"teacher-stage{stage}.pth"}); the student starts again from a fresh initialisation')
         stage_steps = args.stage_epochs[stage] * steps_per_epoch
         step_in_stage = (epoch - stage_starts[stage]) * steps_per_epoch
         loss_sum, term_sums = torch.zeros((), device=device), {}
@@ -893,7 +911,7 @@ def pretrain(args):
             optimizer.zero_grad(set_to_none=True)
             bar.update()
 
-            at_log_step = (step + 1) % args.log_every == 0
+            at_log_step = (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch  # short epochs show too
             if at_log_step:  # the only host syncs in the loop
                 check_finite(nonfinite_step, epoch, out)
                 now = time.perf_counter()

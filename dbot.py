@@ -24,7 +24,7 @@ from mrmae import load_clip
 
 def whiten(tokens):
     """Per-token standardisation of the targets (dBOT §3), as the official code computes it: by the unbiased variance
-    (divided by D - 1) plus 1e-6, where a LayerNorm would use the biased one (0.9% apart in the loss at width 192)."""
+    (divided by D - 1) plus 1e-6, where a LayerNorm would use the biased one."""
     tokens = tokens.float()
     mean, var = tokens.mean(dim=-1, keepdim=True), tokens.var(dim=-1, keepdim=True)
     return (tokens - mean) / (var + 1e-6) ** 0.5

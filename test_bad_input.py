@@ -192,15 +192,19 @@ def test_bad_inputs_are_refused_in_one_line(world, capsys):
     assert tracebacks == [] and silent == []
 
 
-def test_inputs_readme_calls_valid_work_correctly(world):
+def test_inputs_readme_calls_valid_work_correctly(world, capfd):
     root = world['root']
-    # a malformed log.jsonl (a write cut short) on resume: the line goes, with a warning, and the run continues
+    # a malformed log.jsonl (a write cut short) on resume: the line goes, with a warning, and the run continues;
+    # raising --epochs on resume re-stretches the schedule, and says so
     folder = root / 'malformed_log'
     argv = ['--data', str(world['data']), *PRETRAIN, '--output_dir', str(folder)]
     assert attempt('train', argv)[0] == 'ran'
     with open(folder / 'log.jsonl', 'a') as f:
         f.write('{"epoch": 1, "lo')
+    capfd.readouterr()
     assert attempt('train', [*argv, '--epochs', '2'])[0] == 'ran'
+    out, err = capfd.readouterr()
+    assert 'dropping line 2' in err and 'schedule of [1] epochs per stage; this run\'s is [2]' in out
     rows = [json.loads(line) for line in (folder / 'log.jsonl').read_text().splitlines()]
     assert [row['epoch'] for row in rows] == [0, 1]
     # k-NN with fewer training images than --knn_k reports the k it used

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-import mrmae
+import teachers
 import train
 
 
@@ -149,7 +149,7 @@ def main():
     train.validate_args(args)
     device = torch.device(args.device)
     if args.clip_weights is None and args.dino_weights is None:  # MR-MAE's teachers, randomly initialised
-        args.clip_weights, args.dino_weights = mrmae.save_standin_weights(tempfile.mkdtemp(), args.clip_model,
+        args.clip_weights, args.dino_weights = teachers.save_standin_weights(tempfile.mkdtemp(), args.clip_model,
                                                                           args.dino_model)
     peak_flops = train.measured_peak_flops(device) if device.type == 'cuda' else None
     methods = [] if args.data_only else args.methods.split(',') if args.methods else available_methods()

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mae import VIT_SIZES, MAE, ViT, build_vit, denormalize, encoder_state_dict, read_encoder_state_dict
-from mrmae import load_clip
+from teachers import load_clip
 
 
 def whiten(tokens):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import train
 from mae import VIT_SIZES, ViT, build_vit, encoder_state_dict, read_encoder_state_dict, resize_pos_embed
-from mrmae import sha256
+from teachers import sha256
 from train import fail
 
 # Per mode: MAE's fine-tuning recipe (§A.3: AdamW, layer decay, RandAugment, mixup/cutmix, label smoothing, random

@@ -7,91 +7,15 @@ positions (CLIP and DINO), through one linear head per teacher, while the decode
 hidden tokens exactly as in MAE. The two targets touch disjoint tokens, so they do not pull against each other.
 """
 
-import hashlib
 import re
 from pathlib import Path
 
-import open_clip
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from mae import MAE, build_vit, gather_tokens, read_encoder_state_dict, whiten
-
-
-class FrozenViT(nn.Module):
-    """One frozen teacher behind a common interface. It sees the full image re-normalised to its own mean/std and
-    resized so that its token grid is exactly the student's (a patch-16 teacher of a 64 px, patch-8 student sees the
-    image at 128 px): each teacher token then covers the same pixels as the student token it teaches, which
-    resampling a token map computed at the teacher's native size would only approximate."""
-
-    def __init__(self, backbone, mean, std, patch_size, grid_size, width):
-        super().__init__()
-        self.backbone = backbone.requires_grad_(False).eval()
-        self.input_size = (grid_size[0] * patch_size, grid_size[1] * patch_size)
-        self.width = width
-        mean, std = torch.tensor(mean), torch.tensor(std)
-        scale = torch.tensor(IMAGENET_DEFAULT_STD) / std  # ImageNet-normalised -> teacher-normalised
-        shift = (torch.tensor(IMAGENET_DEFAULT_MEAN) - mean) / std
-        self.register_buffer('scale', scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('shift', shift.view(1, 3, 1, 1), persistent=False)
-
-    def last_two_blocks(self, x):  # -> outputs of the last two blocks, (B, 1 + L, D) each, cls first
-        raise NotImplementedError
-
-    def last_block(self):  # -> norm, fused qkv weight and bias, heads: timm's layout, which ours shares
-        block = self.backbone.blocks[-1]
-        return block.norm1, block.attn.qkv.weight, block.attn.qkv.bias, block.attn.num_heads
-
-    def prepare(self, imgs):
-        """ImageNet-normalised images -> this teacher's normalisation, at the size that puts its grid on the
-        student's."""
-        x = imgs * self.scale + self.shift
-        if x.shape[-2:] != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode='bicubic', align_corners=False, antialias=True)
-        return x
-
-    def forward(self, imgs, attention=False):
-        """-> the last block's patch tokens (B, L, D_t), before any final norm or projection, and with attention=True
-        the last layer's [CLS] -> patch attention averaged over heads (B, L), else None."""
-        before_last, last = self.last_two_blocks(self.prepare(imgs))
-        if not attention:
-            return last[:, 1:], None
-        norm, qkv_weight, qkv_bias, heads = self.last_block()
-        q, k, _ = F.linear(norm(before_last), qkv_weight, qkv_bias).chunk(3, dim=-1)
-        B, N, D = k.shape
-        q = q[:, :1].reshape(B, 1, heads, D // heads).transpose(1, 2)  # (B, heads, 1, D/heads)
-        k = k.reshape(B, N, heads, D // heads).transpose(1, 2)  # (B, heads, N, D/heads)
-        weights = (q @ k.transpose(-2, -1) * (D // heads) ** -0.5).softmax(dim=-1)  # (B, heads, 1, N)
-        return last[:, 1:], weights.mean(dim=1)[:, 0, 1:]
-
-
-class ClipTeacher(FrozenViT):  # open_clip's VisionTransformer
-    def last_two_blocks(self, x):
-        out = self.backbone.forward_intermediates(x, indices=2, intermediates_only=True, output_fmt='NLC',
-                                                  output_extra_tokens=True)
-        return [torch.cat(pair, dim=1) for pair in zip(out['image_intermediates_prefix'], out['image_intermediates'])]
-
-    def last_block(self):
-        block = self.backbone.transformer.resblocks[-1]
-        return block.ln_1, block.attn.in_proj_weight, block.attn.in_proj_bias, block.attn.num_heads
-
-
-class TimmTeacher(FrozenViT):  # timm's VisionTransformer (DINO)
-    def last_two_blocks(self, x):
-        out = self.backbone.forward_intermediates(x, indices=2, return_prefix_tokens=True, norm=False,
-                                                  output_fmt='NLC', intermediates_only=True)
-        return [torch.cat([prefix, tokens], dim=1) for tokens, prefix in out]
-
-
-class OwnTeacher(FrozenViT):  # a ViT trained here (mae.py)
-    def last_two_blocks(self, x):
-        x = self.backbone.embed(x)
-        for block in self.backbone.blocks[:-1]:
-            x = block(x)
-        return x, self.backbone.blocks[-1](x)
+from mae import MAE, gather_tokens, whiten
+from teachers import load_clip, load_dino, load_own
 
 
 class MimicTeachers(nn.Module):
@@ -109,72 +33,6 @@ class MimicTeachers(nn.Module):
             features[name], weights = teacher(imgs, attention=name == self.focus)
             attention = weights if weights is not None else attention
         return dict(features=features, attention=attention)
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def weights_source(flag, value, hub_names):
-    """A local weights file (the normal case here) or, where a network exists, a pretrained tag of the library."""
-    if value in hub_names:
-        return value, None
-    tags = f' or one of {", ".join(hub_names)} where a network exists' if hub_names else ''
-    if value is None:
-        teacher = flag.removeprefix('--').removesuffix('_weights')
-        raise ValueError(f'--teacher {teacher} needs {flag} FILE, the local weights file (README: "MR-MAE" says where '
-                         f'to get it){tags}')
-    if not Path(value).is_file():
-        raise ValueError(f'{flag} {value}: no such file. Give the local weights file (README: "MR-MAE" says where '
-                         f'to get it){tags}')
-    return str(value), sha256(value)
-
-
-def load_clip(args, grid):
-    config = open_clip.get_model_config(args.clip_model)
-    if config is None:
-        raise ValueError(f'--clip_model {args.clip_model}: not an open_clip model name')
-    weights, digest = weights_source('--clip_weights', args.clip_weights,
-                                     open_clip.list_pretrained_tags_by_model(args.clip_model))
-    patch = config['vision_cfg']['patch_size']
-    try:  # open_clip resamples the position embedding to the new grid when it loads the weights
-        visual = open_clip.create_model(args.clip_model, pretrained=weights, force_quick_gelu=args.clip_quick_gelu,
-                                        force_image_size=(grid[0] * patch, grid[1] * patch)).visual
-    except Exception as e:
-        raise ValueError(f'--clip_weights {weights}: cannot load into {args.clip_model} ({str(e)[:200]})') from None
-    teacher = ClipTeacher(visual, visual.image_mean, visual.image_std, patch, grid, visual.transformer.width)
-    return teacher, dict(model=args.clip_model, weights=weights, sha256=digest)
-
-
-def load_dino(args, grid):
-    try:
-        with torch.device('meta'):  # the architecture only, to learn its patch size
-            patch = timm.create_model(args.dino_model).patch_embed.patch_size[0]
-    except RuntimeError as e:
-        raise ValueError(f'--dino_model {args.dino_model}: {e}') from None
-    weights, digest = weights_source('--dino_weights', args.dino_weights, ['hub'])
-    overlay = {} if weights == 'hub' else dict(pretrained_cfg_overlay=dict(file=weights))
-    try:  # timm resamples the position embedding to img_size when it loads the weights
-        backbone = timm.create_model(args.dino_model, pretrained=True, num_classes=0, img_size=grid[0] * patch,
-                                     **overlay)
-    except Exception as e:
-        raise ValueError(f'--dino_weights {weights}: cannot load into {args.dino_model} ({str(e)[:200]})') from None
-    cfg = backbone.pretrained_cfg
-    teacher = TimmTeacher(backbone, cfg['mean'], cfg['std'], patch, grid, backbone.embed_dim)
-    return teacher, dict(model=args.dino_model, weights=weights, sha256=digest)
-
-
-def load_own(path, grid):
-    weights, digest = weights_source('--teacher', path, [])
-    state = read_encoder_state_dict(weights)
-    patch = state['patch_embed.proj.weight'].shape[-1]
-    vit = build_vit(state, grid[0] * patch)
-    teacher = OwnTeacher(vit, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, patch, grid, vit.cls_token.shape[-1])
-    return teacher, dict(model='vit', weights=weights, sha256=digest)
 
 
 def load_teachers(args, state=None):
@@ -271,14 +129,3 @@ class MRMAE(Mimic, MAE):
             return latent, latent, mask, ids_restore
         mixed = sum(w * h for w, h in zip(self.fusion_logits.softmax(dim=0), outputs[-len(self.fusion_logits):]))
         return latent, self.norm(mixed), mask, ids_restore
-
-
-def save_standin_weights(folder, clip_model='ViT-S-16', dino_model='vit_small_patch16_224.dino'):
-    """Randomly initialised teachers saved in the real file formats (an open_clip state dict, a timm state dict):
-    tests and benchmarks load them through the real loaders on machines without the real weights."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    clip_path, dino_path = folder / f'{clip_model}-standin.pth', folder / f'{dino_model}-standin.pth'
-    torch.save(open_clip.create_model(clip_model, pretrained=None).state_dict(), clip_path)
-    torch.save(timm.create_model(dino_model, pretrained=False, num_classes=0).state_dict(), dino_path)
-    return clip_path, dino_path

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import teachers
 import train
 from dbot import DBOT, whiten
 from mae import encoder_state_dict
@@ -213,8 +214,7 @@ def test_reinitialised_student_is_identical_on_every_rank():
 
 
 def test_clip_teacher_cosine_loss_and_hash_only_checkpoint(image_folder, tmp_path):
-    import mrmae
-    clip_file, _ = mrmae.save_standin_weights(tmp_path / 'teachers')
+    clip_file, _ = teachers.save_standin_weights(tmp_path / 'teachers')
     # A ViT-Tiny student (width 192) of a ViT-S CLIP: the decoder predicts CLIP's projected tokens, whatever its width
     args = teacher_args(teacher='clip', stages=1, clip_model='ViT-S-16', clip_weights=str(clip_file))
     teacher = DBOT.build_teacher(args)

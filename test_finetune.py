@@ -10,7 +10,7 @@ import timm
 import torch
 
 import finetune
-import mrmae
+import teachers
 import train
 from mae import resize_pos_embed
 from mcmae import ConvViT
@@ -27,7 +27,7 @@ def pretrain_args(method, standin, *extra):
 
 @pytest.fixture(scope='module')
 def standin(tmp_path_factory):
-    return mrmae.save_standin_weights(tmp_path_factory.mktemp('teachers'))
+    return teachers.save_standin_weights(tmp_path_factory.mktemp('teachers'))
 
 
 def ft_args(checkpoint, data, output_dir, *extra):

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import finetune
 import mae
 import mrmae
+import teachers
 import train
 from conftest import make_image_folder
 
@@ -31,7 +32,7 @@ def run(data, out, *extra):
 
 @pytest.fixture(scope='module')
 def standins(tmp_path_factory):
-    return mrmae.save_standin_weights(tmp_path_factory.mktemp('standins'))
+    return teachers.save_standin_weights(tmp_path_factory.mktemp('standins'))
 
 
 # 1. bf16 autocast and torch.compile ----------------------------------------------------------------------------------

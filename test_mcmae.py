@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 
-import mrmae
+import teachers
 import train
 from mae import VIT_SIZES
 from mcmae import MCMAE, ConvViT
@@ -89,7 +89,7 @@ def test_mcmae_trains_one_epoch(image_folder, tmp_path):
 
 
 def test_mrmcmae_trains_one_epoch_with_standin_teachers(image_folder, tmp_path):
-    clip, dino = mrmae.save_standin_weights(tmp_path / 'teachers')
+    clip, dino = teachers.save_standin_weights(tmp_path / 'teachers')
     rows = run(image_folder, tmp_path / 'out', '--method', 'mrmcmae', '--clip_model', 'ViT-S-16', '--clip_weights',
                str(clip), '--dino_model', 'vit_small_patch16_224.dino', '--dino_weights', str(dino))
     assert all(torch.isfinite(torch.tensor(rows[0][k])) for k in ('loss', 'loss_rec', 'loss_mimic_clip',

@@ -756,216 +756,285 @@ def autocast_for(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == 'bf16' else nullcontext()
 
 
-def pretrain(args):
-    """The run, its flags already checked and its output folder held (main)."""
-    rank, world_size, device = init_distributed(args.device)
-    is_main = rank == 0
-    out = Path(args.output_dir)
+class Run:
+    """What one pre-training run holds between its phases: set by set_up, changed by stage switches and epochs."""
 
-    autocast = autocast_for(args, device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
-    # Download on rank 0 first so that ranks do not race on the same files.
-    if not is_main:
+def build_loader(run):
+    """The training images in the resumable, distributed sampler's order (augmented by the DataLoader's workers, or on
+    the device with --gpu_data), and the unaugmented set the figures use."""
+    args = run.args
+    if not run.is_main:  # rank 0 downloads first, so that ranks do not race on the same files
         barrier()
-    dataset = build_dataset(args, 'train', pretrain_transform(args.img_size))
-    vis_dataset = build_dataset(args, 'train', eval_transform(args.img_size))
-    if is_main:
+    run.dataset = build_dataset(args, 'train', pretrain_transform(args.img_size))
+    run.vis_dataset = build_dataset(args, 'train', eval_transform(args.img_size))
+    if run.is_main:
         barrier()
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    run.sampler = ResumableSampler(run.dataset, num_replicas=run.world_size, rank=run.rank, shuffle=True,
+                                   seed=args.seed)
     if args.gpu_data:
-        dataset.transform = transforms.PILToTensor()  # decoded once, augmented on the device
-        loader = DeviceImages(dataset, sampler, args.batch_size, args.img_size, device, args.num_workers)
+        run.dataset.transform = transforms.PILToTensor()  # decoded once, augmented on the device
+        run.loader = DeviceImages(run.dataset, run.sampler, args.batch_size, args.img_size, run.device,
+                                  args.num_workers)
     else:
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                            pin_memory=device.type == 'cuda', drop_last=True)
-    steps_per_epoch = len(loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        fail(f'{len(dataset)} images are too few for {world_size} process(es) x --batch_size {args.batch_size} '
-             f'x --accum_iter {args.accum_iter}')
+        run.loader = DataLoader(run.dataset, batch_size=args.batch_size, sampler=run.sampler,
+                                num_workers=args.num_workers, pin_memory=run.device.type == 'cuda', drop_last=True)
+    run.steps_per_epoch = len(run.loader) // args.accum_iter
+    if run.steps_per_epoch == 0:
+        fail(f'{len(run.dataset)} images are too few for {run.world_size} process(es) x --batch_size '
+             f'{args.batch_size} x --accum_iter {args.accum_iter}')
 
-    resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
-    required = ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher', 'args')
-    ckpt = load_checkpoint(resume, required) if args.resume or resume.exists() else None
-    if ckpt:
-        refuse_another_run(ckpt.get('identity') or run_identity(ckpt['args'], PRETRAIN_IDENTITY),
-                           run_identity(args, PRETRAIN_IDENTITY), resume)
+
+def build_model(run):
+    """The teacher (a checkpoint's when resuming), the model fitted to it, and a fresh optimizer."""
+    args, ckpt = run.args, run.ckpt
     method = METHODS[args.method]
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     try:  # impossible configurations surface as ValueError from the method: one line, no traceback
         teacher = method.build_teacher(args, ckpt['teacher'] if ckpt else None)
-        model = method.from_args(args, teacher).to(device)
+        run.raw_model = method.from_args(args, teacher).to(run.device)
     except ValueError as e:
         fail(e)
-    teacher = teacher.to(device) if teacher is not None else None
-    raw_model = model
-    eff_batch = args.batch_size * args.accum_iter * world_size
-    peak_lr = args.lr or args.blr * eff_batch / 256
-    optimizer = build_optimizer(model, args, peak_lr)
+    run.teacher = teacher.to(run.device) if teacher is not None else None
+    run.eff_batch = args.batch_size * args.accum_iter * run.world_size
+    run.peak_lr = args.lr or args.blr * run.eff_batch / 256
+    run.optimizer = build_optimizer(run.raw_model, args, run.peak_lr)
 
-    start_epoch, stage = 0, 0
-    if ckpt:
-        load_state(raw_model, ckpt['model'], f'{resume} ({ckpt["args"]["method"]} {ckpt["args"]["model"]})')
-        load_state(optimizer, ckpt['optimizer'], f'the optimizer state in {resume}')
-        start_epoch, stage = ckpt['epoch'], ckpt['stage']
-        if is_main:
-            print(f'resumed from {resume} at epoch {start_epoch}, step {ckpt["step"]} (stage {stage})')
-            restore_log(out / 'log.jsonl', start_epoch, ckpt.get('log_row'))
-            if ckpt['args']['stage_epochs'] != args.stage_epochs:
-                print(f'note: {resume} was trained on a schedule of {ckpt["args"]["stage_epochs"]} epochs per stage; '
-                      f'this run\'s is {args.stage_epochs}: the lr schedule continues re-stretched to it')
-    if start_epoch >= args.epochs:
-        if is_main:
-            print(f'nothing to do: {resume} has already trained {start_epoch} of {args.epochs} epochs')
-        return
+
+def restore_checkpoint(run):
+    """Model, optimizer, epoch and stage of the checkpoint being resumed, and a log that says what it covers."""
+    args, ckpt, resume = run.args, run.ckpt, run.resume
+    load_state(run.raw_model, ckpt['model'], f'{resume} ({ckpt["args"]["method"]} {ckpt["args"]["model"]})')
+    load_state(run.optimizer, ckpt['optimizer'], f'the optimizer state in {resume}')
+    run.start_epoch, run.stage = ckpt['epoch'], ckpt['stage']
+    if run.is_main:
+        print(f'resumed from {resume} at epoch {run.start_epoch}, step {ckpt["step"]} (stage {run.stage})')
+        restore_log(run.out / 'log.jsonl', run.start_epoch, ckpt.get('log_row'))
+        if ckpt['args']['stage_epochs'] != args.stage_epochs:
+            print(f'note: {resume} was trained on a schedule of {ckpt["args"]["stage_epochs"]} epochs per stage; '
+                  f'this run\'s is {args.stage_epochs}: the lr schedule continues re-stretched to it')
+
+
+def announce(run):
+    args = run.args
+    if args.teacher not in (None, 'random'):  # which file teaches, and which loss term belongs to which file
+        print(f'teacher: {args.teacher}' + ''.join(f'; loss_mimic_{name} <- {source["weights"]}'
+                                                   for name, source in getattr(run.teacher, 'sources', {}).items()))
+    n_params = sum(p.numel() for p in run.raw_model.parameters() if p.requires_grad)
+    print(f'{args.method} {args.model}: {n_params / 1e6:.1f}M trainable parameters; {len(run.dataset)} images; '
+          f'{run.world_size} process(es) on {run.device}; effective batch {run.eff_batch}; peak lr {run.peak_lr:.3g}')
+
+
+def set_up(args):
+    """Set-up and resume: processes, data, teacher and model, optimizer, and the position a checkpoint holds.
+    -> the Run, or None when the checkpoint has already trained every epoch."""
+    run = Run()
+    run.args = args
+    run.rank, run.world_size, run.device = init_distributed(args.device)
+    run.is_main, run.out = run.rank == 0, Path(args.output_dir)
+    run.autocast = autocast_for(args, run.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    build_loader(run)
+
+    run.resume = Path(args.resume) if args.resume else run.out / 'checkpoint-last.pth'
+    required = ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher', 'args')
+    run.ckpt = load_checkpoint(run.resume, required) if args.resume or run.resume.exists() else None
+    if run.ckpt:
+        refuse_another_run(run.ckpt.get('identity') or run_identity(run.ckpt['args'], PRETRAIN_IDENTITY),
+                           run_identity(args, PRETRAIN_IDENTITY), run.resume)
+    build_model(run)
+    run.start_epoch, run.stage = 0, 0
+    if run.ckpt:
+        restore_checkpoint(run)
+    if run.start_epoch >= args.epochs:
+        if run.is_main:
+            print(f'nothing to do: {run.resume} has already trained {run.start_epoch} of {args.epochs} epochs')
+        return None
 
     # Training FLOPs per image, for MFU against the card's measured peak; counted again when a stage changes the teacher.
-    peak_flops = measured_peak_flops(device) if device.type == 'cuda' else None
-    flops = flops_per_image(model, teacher, args, device)
-    if args.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    run.peak_flops = measured_peak_flops(run.device) if run.device.type == 'cuda' else None
+    run.flops = flops_per_image(run.raw_model, run.teacher, args, run.device)
+    run.model = torch.compile(run.raw_model) if args.compile else run.raw_model
+    if run.world_size > 1:
+        run.model = DDP(run.model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
 
     # A fixed batch and fixed masks, so that the PNGs of successive epochs are comparable.
-    vis_ids = torch.linspace(0, len(vis_dataset) - 1, 8).long().tolist()
-    vis_imgs = torch.stack([vis_dataset[i][0] for i in vis_ids]).to(device)
-    vis_noise = torch.rand(len(vis_ids), raw_model.num_patches, generator=torch.Generator().manual_seed(0))
+    vis_ids = torch.linspace(0, len(run.vis_dataset) - 1, 8).long().tolist()
+    run.vis_imgs = torch.stack([run.vis_dataset[i][0] for i in vis_ids]).to(run.device)
+    run.vis_noise = torch.rand(len(vis_ids), run.raw_model.num_patches, generator=torch.Generator().manual_seed(0))
+    if run.is_main:
+        announce(run)
+    run.stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
+    run.warmup_steps = args.warmup_epochs * run.steps_per_epoch
+    run.last_row = run.ckpt.get('log_row') if run.ckpt else None  # the log's last row, kept in every checkpoint
+    return run
 
-    if is_main:
-        if args.teacher not in (None, 'random'):  # which file teaches, and which loss term belongs to which file
-            print(f'teacher: {args.teacher}' + ''.join(f'; loss_mimic_{name} <- {source["weights"]}'
-                                                       for name, source in getattr(teacher, 'sources', {}).items()))
-        n_params = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f'{args.method} {args.model}: {n_params / 1e6:.1f}M trainable parameters; {len(dataset)} images; '
-              f'{world_size} process(es) on {device}; effective batch {eff_batch}; peak lr {peak_lr:.3g}')
 
-    stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
-    warmup_steps = args.warmup_epochs * steps_per_epoch
-    last_row = ckpt.get('log_row') if ckpt else None  # the log's last row, kept in every checkpoint
-    for epoch in range(start_epoch, args.epochs):
+def switch_stage(run):
+    """A stage boundary (dBOT §3): the student becomes the frozen teacher and starts again from a fresh
+    initialisation, identical on every rank."""
+    run.stage += 1
+    run.teacher = run.raw_model.next_stage(run.teacher)
+    broadcast_parameters(run.raw_model)
+    # A fresh AdamW for the fresh student: the moments of the previous stage's converged network say nothing about
+    # the new one's gradients (the official code keeps them; warmup makes the difference small).
+    run.optimizer = build_optimizer(run.raw_model, run.args, run.peak_lr)
+    run.flops = flops_per_image(run.raw_model, run.teacher, run.args, run.device)  # --teacher_depth 0: a whole ViT now
+    if run.is_main:
+        path = run.out / f'teacher-stage{run.stage}.pth'
+        save_checkpoint(dict(model=run.raw_model.teacher_state(run.teacher), args=vars(run.args), stage=run.stage), path)
+        print(f'stage {run.stage}: the student of stage {run.stage - 1} is the frozen teacher now ({path}); the '
+              f'student starts again from a fresh initialisation')
+
+
+def accumulate_gradients(run, batches):
+    """One optimizer step's gradients over --accum_iter micro-batches -> the last micro-batch's loss. DDP all-reduces
+    the gradients only on the last micro-batch."""
+    args = run.args
+    for micro in range(args.accum_iter):
+        imgs = next(batches)[0].to(run.device, non_blocking=True)
+        last_micro = micro == args.accum_iter - 1
+        with nullcontext() if run.world_size == 1 or last_micro else run.model.no_sync():
+            loss = forward_backward(run.model, run.teacher, imgs, args.mask_ratio, run.autocast, 1 / args.accum_iter)
+    return loss
+
+
+def save_position(run, epoch, steps_done, loss_sum, term_sums):
+    """A signal stops the run mid-epoch: every rank's exact position goes into the checkpoint (rank 0 writes it)."""
+    positions = rank_positions(run.device, loss_sum=loss_sum, term_sums=term_sums)
+    if run.is_main:
+        save_checkpoint(dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), epoch=epoch,
+                             step=steps_done, ranks=positions, stage=run.stage,
+                             teacher=run.raw_model.teacher_state(run.teacher), args=vars(run.args),
+                             identity=run_identity(run.args, PRETRAIN_IDENTITY), log_row=run.last_row),
+                        run.out / 'checkpoint-last.pth')
+        print(f'\nstopped by a signal in epoch {epoch} after step {steps_done} of {run.steps_per_epoch}; the same '
+              f'command continues from {run.out / "checkpoint-last.pth"}')
+    barrier()
+
+
+def train_one_epoch(run, epoch):
+    """The optimizer steps of one epoch (the official MAE's name), from the step a signal stopped it at if it did.
+    -> the epoch's log row, or None when a signal stops the run (its exact position is then in the checkpoint)."""
+    args, ckpt, device = run.args, run.ckpt, run.device
+    stage_steps = args.stage_epochs[run.stage] * run.steps_per_epoch
+    step_in_stage = (epoch - run.stage_starts[run.stage]) * run.steps_per_epoch
+    loss_sum, term_sums = torch.zeros((), device=device), {}
+    resuming_mid_epoch = ckpt and ckpt['step'] and epoch == run.start_epoch  # an epoch a signal interrupted
+    first_step = ckpt['step'] if resuming_mid_epoch else 0
+    if resuming_mid_epoch:
+        position = rank_position(ckpt, run.rank, run.world_size, run.resume)
+        loss_sum = position['loss_sum'].to(device)
+        term_sums = {name: value.to(device) for name, value in position['term_sums'].items()}
+    run.sampler.set_epoch(epoch)
+    run.sampler.start = first_step * args.batch_size * args.accum_iter
+    if isinstance(run.dataset, ImageFolderSkippingBroken) and not args.gpu_data:  # --gpu_data decoded them once:
+        run.dataset.skipped.zero_()                                               # the same ones stand in each epoch
+    run.model.train()
+    nonfinite_step, skipped_steps = torch.full((), -1, device=device), 0
+    last_log_step, last_log_time, epoch_start = first_step, time.perf_counter(), time.perf_counter()
+    batches = iter(run.loader)  # draws the loader's base seed from the RNG: restore the state after it
+    if resuming_mid_epoch:
+        restore_rng_states(position['rng_state'], device)
+    stop_vote = StopVote(first_step, run.world_size)
+    bar = tqdm(total=run.steps_per_epoch, initial=first_step, desc=f'epoch {epoch}', disable=not run.is_main,
+               dynamic_ncols=True)
+    for step in range(first_step, run.steps_per_epoch):
+        lr = lr_at(step_in_stage + step, stage_steps, run.warmup_steps, run.peak_lr)
+        for group in run.optimizer.param_groups:
+            group['lr'] = lr
+        loss = accumulate_gradients(run, batches)
+        if args.skip_nonfinite and max_over_ranks(~torch.isfinite(loss)):  # opt-in: one host sync per step
+            skipped_steps += 1
+            if skipped_steps > args.skip_nonfinite:
+                fail(f'{skipped_steps} non-finite losses in epoch {epoch}, more than --skip_nonfinite '
+                     f'{args.skip_nonfinite}; the last good checkpoint is {run.out / "checkpoint-last.pth"}')
+            run.optimizer.zero_grad(set_to_none=True)
+            continue
+        nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss), step, nonfinite_step)
+        loss_sum += loss.detach()
+        for name, value in run.raw_model.loss_terms.items():  # e.g. MR-MAE's reconstruction and mimic terms
+            term_sums[name] = term_sums.get(name, 0) + value
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.clip_grad)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        bar.update()
+        if (step + 1) % args.log_every == 0 or step + 1 == run.steps_per_epoch:  # the only host syncs in the loop
+            check_finite(nonfinite_step, epoch, run.out)
+            now = time.perf_counter()
+            img_per_s = (step + 1 - last_log_step) * run.eff_batch / (now - last_log_time)
+            mean_loss = loss_sum.item() / ((step + 1 - skipped_steps) * args.accum_iter)
+            postfix = dict(loss=f'{mean_loss:.4f}', lr=f'{lr:.2e}', img_s=f'{img_per_s:.0f}')
+            if run.peak_flops:
+                postfix['mfu'] = f'{img_per_s / run.world_size * run.flops / run.peak_flops:.1%}'
+            bar.set_postfix(postfix)  # shown at the last step too, so that short epochs show it
+            last_log_step, last_log_time = step + 1, now
+        if stop_vote.stops_after(step, run.steps_per_epoch):
+            check_finite(nonfinite_step, epoch, run.out)
+            save_position(run, epoch, step + 1, loss_sum, term_sums)
+            return None
+    bar.close()
+    check_finite(nonfinite_step, epoch, run.out)
+    seconds = time.perf_counter() - epoch_start
+    return epoch_row(run, epoch, lr, loss_sum, term_sums, skipped_steps, (run.steps_per_epoch - first_step) / seconds)
+
+
+def epoch_row(run, epoch, lr, loss_sum, term_sums, skipped_steps, steps_per_second):
+    """The epoch's log row: losses averaged over every rank's micro-batches, speed, counted FLOPs, skipped work."""
+    micro_batches = (run.steps_per_epoch - skipped_steps) * run.args.accum_iter
+    img_per_s = steps_per_second * run.eff_batch
+    row = dict(epoch=epoch, stage=run.stage, loss=all_reduce_mean(loss_sum / micro_batches).item(), lr=lr,
+               img_per_s=round(img_per_s, 1), gflops_per_img=round(run.flops / 1e9, 6))
+    row.update({name: all_reduce_mean(total / micro_batches).item() for name, total in term_sums.items()})
+    if run.peak_flops:
+        row['mfu'] = round(img_per_s / run.world_size * run.flops / run.peak_flops, 4)
+    row.update(skipped_steps=skipped_steps, skipped_images=int(run.dataset.skipped.sum())
+               if isinstance(run.dataset, ImageFolderSkippingBroken) else 0)
+    return row
+
+
+def end_epoch(run, epoch, row):
+    """The end of an epoch on rank 0: the figure, the checkpoint, then the log row it covers."""
+    args, raw_model = run.args, run.raw_model
+    if run.is_main:
+        if (epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs:
+            raw_model.eval()
+            with torch.no_grad(), run.autocast:
+                targets = run.teacher(run.vis_imgs) if run.teacher is not None else None
+                _, pred, mask = raw_model(run.vis_imgs, args.mask_ratio, run.vis_noise.to(run.device), targets)
+                rows, caption = raw_model.visualize(run.vis_imgs, pred, mask, targets)
+            save_figure(rows, caption, run.out / f'vis-epoch{epoch:04d}.png')
+        # The checkpoint first, holding its row: the log never shows an epoch that no checkpoint covers.
+        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=run.optimizer.state_dict(), epoch=epoch + 1,
+                             step=0, stage=run.stage, teacher=raw_model.teacher_state(run.teacher), args=vars(args),
+                             identity=run_identity(args, PRETRAIN_IDENTITY), log_row=row),
+                        run.out / 'checkpoint-last.pth')
+        with open(run.out / 'log.jsonl', 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+    run.last_row = row
+    barrier()
+
+
+def pretrain(args):
+    """The run, its flags already checked and its output folder held (main): set-up and resume, then for every
+    epoch the stage switch, train_one_epoch and end_epoch."""
+    run = set_up(args)
+    if run is None:
+        return
+    for epoch in range(run.start_epoch, args.epochs):
         # Every (epoch, rank) has its own RNG streams derived from --seed, so a resumed run draws the same masks,
         # augmentations and re-initialisations as an uninterrupted one without storing RNG state (data loader
         # workers are seeded from them). Only a run stopped mid-epoch stores its state, to continue from there.
-        seed_everything(args.seed, epoch, rank)
-        if epoch in stage_starts[stage + 1:]:  # a stage boundary (dBOT §3): the student becomes the teacher
-            stage += 1
-            teacher = raw_model.next_stage(teacher)
-            broadcast_parameters(raw_model)
-            # A fresh AdamW for the fresh student: the moments of the previous stage's converged network say nothing
-            # about the new one's gradients (the official code keeps them; warmup makes the difference small).
-            optimizer = build_optimizer(raw_model, args, peak_lr)
-            flops = flops_per_image(raw_model, teacher, args, device)  # e.g. --teacher_depth 0: a whole ViT now
-            if is_main:
-                save_checkpoint(dict(model=raw_model.teacher_state(teacher), args=vars(args), stage=stage),
-                                out / f'teacher-stage{stage}.pth')
-                print(f'stage {stage}: the student of stage {stage - 1} is the frozen teacher now '
-                      f'({out / f"teacher-stage{stage}.pth"}); the student starts again from a fresh initialisation')
-        stage_steps = args.stage_epochs[stage] * steps_per_epoch
-        step_in_stage = (epoch - stage_starts[stage]) * steps_per_epoch
-        loss_sum, term_sums = torch.zeros((), device=device), {}
-        resuming_mid_epoch = ckpt and ckpt['step'] and epoch == start_epoch  # an epoch a signal interrupted
-        first_step = ckpt['step'] if resuming_mid_epoch else 0
-        if resuming_mid_epoch:
-            position = rank_position(ckpt, rank, world_size, resume)
-            loss_sum = position['loss_sum'].to(device)
-            term_sums = {name: value.to(device) for name, value in position['term_sums'].items()}
-        sampler.set_epoch(epoch)
-        sampler.start = first_step * args.batch_size * args.accum_iter
-        if isinstance(dataset, ImageFolderSkippingBroken) and not args.gpu_data:  # --gpu_data decoded them once:
-            dataset.skipped.zero_()                                               # the same ones stand in each epoch
-        model.train()
-        nonfinite_step, skipped_steps = torch.full((), -1, device=device), 0
-        last_log_step, last_log_time, epoch_start = first_step, time.perf_counter(), time.perf_counter()
-        batches = iter(loader)  # draws the loader's base seed from the RNG: restore the state after it
-        if resuming_mid_epoch:
-            restore_rng_states(position['rng_state'], device)
-        stop_vote = StopVote(first_step, world_size)
-        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f'epoch {epoch}', disable=not is_main,
-                   dynamic_ncols=True)
-        for step in range(first_step, steps_per_epoch):
-            lr = lr_at(step_in_stage + step, stage_steps, warmup_steps, peak_lr)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            for micro in range(args.accum_iter):
-                imgs = next(batches)[0].to(device, non_blocking=True)
-                last_micro = micro == args.accum_iter - 1
-                # DDP all-reduces gradients only on the last micro-batch of an accumulation step.
-                with nullcontext() if world_size == 1 or last_micro else model.no_sync():
-                    loss = forward_backward(model, teacher, imgs, args.mask_ratio, autocast, 1 / args.accum_iter)
-            if args.skip_nonfinite and max_over_ranks(~torch.isfinite(loss)):  # opt-in: one host sync per step
-                skipped_steps += 1
-                if skipped_steps > args.skip_nonfinite:
-                    fail(f'{skipped_steps} non-finite losses in epoch {epoch}, more than --skip_nonfinite '
-                         f'{args.skip_nonfinite}; the last good checkpoint is {out / "checkpoint-last.pth"}')
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss), step, nonfinite_step)
-            loss_sum += loss.detach()
-            for name, value in raw_model.loss_terms.items():  # e.g. MR-MAE's reconstruction and mimic terms
-                term_sums[name] = term_sums.get(name, 0) + value
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.update()
-
-            at_log_step = (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch  # short epochs show too
-            if at_log_step:  # the only host syncs in the loop
-                check_finite(nonfinite_step, epoch, out)
-                now = time.perf_counter()
-                img_per_s = (step + 1 - last_log_step) * eff_batch / (now - last_log_time)
-                mean_loss = loss_sum.item() / ((step + 1 - skipped_steps) * args.accum_iter)
-                postfix = dict(loss=f'{mean_loss:.4f}', lr=f'{lr:.2e}', img_s=f'{img_per_s:.0f}')
-                if peak_flops:
-                    postfix['mfu'] = f'{img_per_s / world_size * flops / peak_flops:.1%}'
-                bar.set_postfix(postfix)
-                last_log_step, last_log_time = step + 1, now
-            if stop_vote.stops_after(step, steps_per_epoch):
-                check_finite(nonfinite_step, epoch, out)
-                positions = rank_positions(device, loss_sum=loss_sum, term_sums=term_sums)
-                if is_main:
-                    save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                                         step=step + 1, ranks=positions, stage=stage,
-                                         teacher=raw_model.teacher_state(teacher), args=vars(args),
-                                         identity=run_identity(args, PRETRAIN_IDENTITY), log_row=last_row),
-                                    out / 'checkpoint-last.pth')
-                    print(f'\nstopped by a signal in epoch {epoch} after step {step + 1} of {steps_per_epoch}; the '
-                          f'same command continues from {out / "checkpoint-last.pth"}')
-                barrier()
-                return
-        bar.close()
-
-        check_finite(nonfinite_step, epoch, out)
-        micro_batches = (steps_per_epoch - skipped_steps) * args.accum_iter
-        epoch_loss = all_reduce_mean(loss_sum / micro_batches).item()
-        img_per_s = (steps_per_epoch - first_step) * eff_batch / (time.perf_counter() - epoch_start)
-        row = dict(epoch=epoch, stage=stage, loss=epoch_loss, lr=lr, img_per_s=round(img_per_s, 1),
-                   gflops_per_img=round(flops / 1e9, 6))
-        row.update({name: all_reduce_mean(total / micro_batches).item() for name, total in term_sums.items()})
-        if peak_flops:
-            row['mfu'] = round(img_per_s / world_size * flops / peak_flops, 4)
-        row.update(skipped_steps=skipped_steps, skipped_images=int(dataset.skipped.sum())
-                   if isinstance(dataset, ImageFolderSkippingBroken) else 0)
-        if is_main:
-            if (epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs:
-                raw_model.eval()
-                with torch.no_grad(), autocast:
-                    targets = teacher(vis_imgs) if teacher is not None else None
-                    _, pred, mask = raw_model(vis_imgs, args.mask_ratio, vis_noise.to(device), targets)
-                    rows, caption = raw_model.visualize(vis_imgs, pred, mask, targets)
-                save_figure(rows, caption, out / f'vis-epoch{epoch:04d}.png')
-            # The checkpoint first, holding its row: the log never shows an epoch that no checkpoint covers.
-            save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                                 step=0, stage=stage, teacher=raw_model.teacher_state(teacher), args=vars(args),
-                                 identity=run_identity(args, PRETRAIN_IDENTITY), log_row=row),
-                            out / 'checkpoint-last.pth')
-            with open(out / 'log.jsonl', 'a') as f:
-                f.write(json.dumps(row) + '\n')
-            tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
-        last_row = row
-        barrier()
+        seed_everything(args.seed, epoch, run.rank)
+        if epoch in run.stage_starts[run.stage + 1:]:
+            switch_stage(run)
+        row = train_one_epoch(run, epoch)
+        if row is None:  # stopped by a signal
+            return
+        end_epoch(run, epoch, row)
 
 
 def main(args):

@@ -312,21 +312,10 @@ def knn_evaluate(classifier, train_loader, val_loader, num_classes, k, temperatu
 
 # -----------------------------------------------------------------------------------------------------------------
 
-def evaluate_encoder(args):
-    """The run, its flags already checked and its output folder held (main)."""
-    rank, world_size, device = train.init_distributed(args.device)
-    is_main = rank == 0
-    out = Path(args.output_dir)
-    autocast = train.autocast_for(args, device)
-    torch.manual_seed(args.seed)
-
-    encoder = load_encoder(args)
-    if args.export_timm and type(encoder) is not ViT:
-        fail(f'--export_timm: timm has no {type(encoder).__name__}; only ViT encoders export')
-    if args.pool is None:
-        args.pool = 'cls' if encoder.num_prefix_tokens else 'mean'
-    if args.pool == 'cls' and not encoder.num_prefix_tokens:
-        fail(f'--pool cls: the {args.method} encoder has no cls token; use --pool mean')
+def build_data(run):
+    """The training set (augmented per mode: MAE's fine-tuning recipe, or crops and flips for the linear probe), the
+    validation set, which must hold the same classes, and the number of classes."""
+    args = run.args
     mean_std = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation='bicubic')
     eval_tf = create_transform(args.img_size, is_training=False, crop_pct=args.crop_pct, **mean_std)
     if args.mode == 'finetune':
@@ -336,150 +325,200 @@ def evaluate_encoder(args):
         train_tf = create_transform(args.img_size, is_training=True, color_jitter=None, **mean_std)
     else:
         train_tf = eval_tf
-    train_set = train.build_dataset(args, 'train', train_tf)
-    val_set = train.build_dataset(args, 'val', eval_tf)
-    if val_set is None:
+    run.train_set = train.build_dataset(args, 'train', train_tf)
+    run.val_set = train.build_dataset(args, 'val', eval_tf)
+    if run.val_set is None:
         fail(f'--data {args.data}: no val/ folder to evaluate on')
-    if val_set.classes != train_set.classes:
-        missing = sorted(set(train_set.classes) - set(val_set.classes))[:3]
-        extra = sorted(set(val_set.classes) - set(train_set.classes))[:3]
+    classes, val_classes = run.train_set.classes, run.val_set.classes
+    if val_classes != classes:
+        missing, extra = sorted(set(classes) - set(val_classes))[:3], sorted(set(val_classes) - set(classes))[:3]
         official = ' (Tiny-ImageNet\'s official val/images layout: sort val/images into class folders as in train/, ' \
                    'with val_annotations.txt)' if 'images' in extra else ''
         fail(f'--data {args.data}: val/ and train/ hold different classes (in train/ only: {missing}; in val/ only: '
              f'{extra}){official}')
-    num_classes = args.nb_classes or len(train_set.classes)
-    if num_classes < len(train_set.classes):
-        fail(f'--nb_classes {num_classes}: the data has {len(train_set.classes)} classes')
-    model = Classifier(encoder, num_classes, args.mode, args.pool).to(device)
+    run.num_classes = args.nb_classes or len(classes)
+    if run.num_classes < len(classes):
+        fail(f'--nb_classes {run.num_classes}: the data has {len(classes)} classes')
 
-    if args.mode == 'knn':
-        if world_size > 1:
-            fail('--mode knn runs in one process (it trains nothing)')
-        loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
-        k = min(args.knn_k, len(train_set))  # the vote the result really came from
-        result = knn_evaluate(model, DataLoader(train_set, **loader_kw), DataLoader(val_set, **loader_kw),
-                              num_classes, k, args.knn_t, device)
-        with open(out / 'log.jsonl', 'a') as f:
-            f.write(json.dumps(dict(mode='knn', k=k, checkpoint=args.checkpoint, **result)) + '\n')
-        fewer = f', all {k} training images: fewer than --knn_k {args.knn_k}' if k < args.knn_k else ''
-        print(f'k-NN (k={k}{fewer}) of {args.method}/{args.model} from {args.checkpoint}: '
-              f'top-1 {result["val_acc1"]:.2f}%, top-5 {result["val_acc5"]:.2f}%')
-        if args.export_timm:
-            export_timm(None, encoder, args.export_timm)
-        return
 
-    sampler = train.ResumableSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == 'cuda', drop_last=True)
+def knn(run):
+    """--mode knn: no training, one process; the result names the k it really used."""
+    args = run.args
+    if run.world_size > 1:
+        fail('--mode knn runs in one process (it trains nothing)')
+    loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+    k = min(args.knn_k, len(run.train_set))
+    result = knn_evaluate(run.model, DataLoader(run.train_set, **loader_kw), DataLoader(run.val_set, **loader_kw),
+                          run.num_classes, k, args.knn_t, run.device)
+    with open(run.out / 'log.jsonl', 'a') as f:
+        f.write(json.dumps(dict(mode='knn', k=k, checkpoint=args.checkpoint, **result)) + '\n')
+    fewer = f', all {k} training images: fewer than --knn_k {args.knn_k}' if k < args.knn_k else ''
+    print(f'k-NN (k={k}{fewer}) of {args.method}/{args.model} from {args.checkpoint}: '
+          f'top-1 {result["val_acc1"]:.2f}%, top-5 {result["val_acc5"]:.2f}%')
+    if args.export_timm:
+        export_timm(None, run.encoder, args.export_timm)
+
+
+def set_up_training(run):
+    """Loaders, mixup, loss and optimizer for fine-tuning or the linear probe, then the checkpoint being resumed."""
+    args, device = run.args, run.device
+    run.sampler = train.ResumableSampler(run.train_set, num_replicas=run.world_size, rank=run.rank, shuffle=True,
+                                         seed=args.seed)
+    run.loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=run.sampler,
+                            num_workers=args.num_workers, pin_memory=device.type == 'cuda', drop_last=True)
     # Evaluation shards the validation set; DistributedSampler pads the last shard by repeating a few images.
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
-                            sampler=DistributedSampler(val_set, world_size, rank, shuffle=False))
-    if len(loader) == 0:
-        fail(f'{len(train_set)} images are too few for {world_size} process(es) x --batch_size {args.batch_size}')
-    mixup = None
+    run.val_loader = DataLoader(run.val_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                sampler=DistributedSampler(run.val_set, run.world_size, run.rank, shuffle=False))
+    if len(run.loader) == 0:
+        fail(f'{len(run.train_set)} images are too few for {run.world_size} process(es) x --batch_size '
+             f'{args.batch_size}')
+    run.mixup = None
     if args.mode == 'finetune' and (args.mixup > 0 or args.cutmix > 0):
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                      num_classes=num_classes)
-    criterion = (SoftTargetCrossEntropy() if mixup else
-                 LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 and args.mode == 'finetune' else
-                 nn.CrossEntropyLoss())
-
-    eff_batch = args.batch_size * world_size
-    peak_lr = args.lr or args.blr * eff_batch / 256
+        run.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                          num_classes=run.num_classes)
+    run.criterion = (SoftTargetCrossEntropy() if run.mixup else
+                     LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 and args.mode == 'finetune'
+                     else nn.CrossEntropyLoss())
+    run.eff_batch = args.batch_size * run.world_size
+    run.peak_lr = args.lr or args.blr * run.eff_batch / 256
     if args.mode == 'finetune':
-        optimizer = torch.optim.AdamW(param_groups_layer_decay(model, args.weight_decay, args.layer_decay),
-                                      lr=peak_lr, fused=True)
+        run.optimizer = torch.optim.AdamW(param_groups_layer_decay(run.raw_model, args.weight_decay, args.layer_decay),
+                                          lr=run.peak_lr, fused=True)
     else:
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=0.9,
-                                    weight_decay=args.weight_decay)
-    start_epoch, best_acc1, ckpt = 0, 0.0, None
-    identity = run_identity(args)
-    resume = Path(args.resume) if args.resume else out / 'checkpoint-last.pth'
-    if args.resume or resume.exists():
-        ckpt = train.load_checkpoint(resume, ('model', 'optimizer', 'epoch', 'step', 'best_acc1', 'args'))
-        train.refuse_another_run(ckpt.get('identity', {}), identity, resume)
-        train.load_state(model, ckpt['model'], resume)
-        train.load_state(optimizer, ckpt['optimizer'], f'the optimizer state in {resume}')
-        start_epoch, best_acc1 = ckpt['epoch'], ckpt['best_acc1']
-        if is_main:
-            print(f'resumed from {resume} at epoch {start_epoch}, step {ckpt["step"]}')
-            train.restore_log(out / 'log.jsonl', start_epoch, ckpt.get('log_row'))
-    raw_model = model
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if is_main:
-        print(f'{args.mode} {args.method}/{args.model} from {args.checkpoint}: {num_classes} classes, '
-              f'{len(train_set)} training images, effective batch {eff_batch}, peak lr {peak_lr:.3g}')
+        run.optimizer = torch.optim.SGD([p for p in run.raw_model.parameters() if p.requires_grad], lr=run.peak_lr,
+                                        momentum=0.9, weight_decay=args.weight_decay)
+    run.start_epoch, run.best_acc1, run.ckpt = 0, 0.0, None
+    run.identity = run_identity(args)
+    run.resume = Path(args.resume) if args.resume else run.out / 'checkpoint-last.pth'
+    if args.resume or run.resume.exists():
+        run.ckpt = train.load_checkpoint(run.resume, ('model', 'optimizer', 'epoch', 'step', 'best_acc1', 'args'))
+        train.refuse_another_run(run.ckpt.get('identity', {}), run.identity, run.resume)
+        train.load_state(run.raw_model, run.ckpt['model'], run.resume)
+        train.load_state(run.optimizer, run.ckpt['optimizer'], f'the optimizer state in {run.resume}')
+        run.start_epoch, run.best_acc1 = run.ckpt['epoch'], run.ckpt['best_acc1']
+        if run.is_main:
+            print(f'resumed from {run.resume} at epoch {run.start_epoch}, step {run.ckpt["step"]}')
+            train.restore_log(run.out / 'log.jsonl', run.start_epoch, run.ckpt.get('log_row'))
+    run.model = run.raw_model
+    if run.world_size > 1:
+        run.model = DDP(run.raw_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if run.is_main:
+        print(f'{args.mode} {args.method}/{args.model} from {args.checkpoint}: {run.num_classes} classes, '
+              f'{len(run.train_set)} training images, effective batch {run.eff_batch}, peak lr {run.peak_lr:.3g}')
+    run.steps_per_epoch = len(run.loader)
+    run.last_row = run.ckpt.get('log_row') if run.ckpt else None  # the log's last row, kept in every checkpoint
 
-    steps_per_epoch = len(loader)
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    last_row = ckpt.get('log_row') if ckpt else None  # the log's last row, kept in every checkpoint
-    for epoch in range(start_epoch, args.epochs):
-        train.seed_everything(args.seed, epoch, rank)  # as train.py: resume without stored RNG state
-        resuming_mid_epoch = ckpt and ckpt['step'] and epoch == start_epoch  # an epoch a signal interrupted
-        first_step = ckpt['step'] if resuming_mid_epoch else 0
-        if resuming_mid_epoch:
-            position = train.rank_position(ckpt, rank, world_size, resume)
-        loss_sum = position['loss_sum'].to(device) if resuming_mid_epoch else torch.zeros((), device=device)
-        sampler.set_epoch(epoch)
-        sampler.start = first_step * args.batch_size
-        model.train()
-        if args.mode == 'linprobe':
-            raw_model.encoder.eval()  # frozen features
-        epoch_start = time.perf_counter()
-        batches = iter(loader)  # draws the loader's base seed from the RNG: restore the state after it
-        if resuming_mid_epoch:
-            train.restore_rng_states(position['rng_state'], device)
-        stop_vote = train.StopVote(first_step, world_size)
-        progress = tqdm(batches, desc=f'epoch {epoch}', initial=first_step, total=steps_per_epoch, disable=not is_main)
-        for step, (imgs, labels) in enumerate(progress, start=first_step):
-            lr = train.lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, peak_lr, args.min_lr)
-            for group in optimizer.param_groups:
-                group['lr'] = lr * group.get('lr_scale', 1.0)
-            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if mixup:
-                imgs, labels = mixup(imgs, labels)
-            with autocast:
-                loss = criterion(model(imgs), labels)
-            loss.backward()
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            if (step + 1) % 50 == 0 or step + 1 == steps_per_epoch:  # a host sync: only now and then
-                progress.set_postfix(loss=f'{loss_sum.item() / (step + 1):.4f}', lr=f'{lr:.2e}')
-            if stop_vote.stops_after(step, steps_per_epoch):  # checkpoint, exit 0
-                positions = train.rank_positions(device, loss_sum=loss_sum)
-                if is_main:
-                    train.save_checkpoint(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                               epoch=epoch, step=step + 1, ranks=positions, best_acc1=best_acc1,
-                                               args=vars(args), identity=identity, log_row=last_row),
-                                          out / 'checkpoint-last.pth')
-                    print(f'\nstopped by a signal in epoch {epoch} after step {step + 1}; the same command continues')
-                train.barrier()
-                return
-        train_loss = train.all_reduce_mean(loss_sum / steps_per_epoch).item()
-        if not math.isfinite(train_loss):
-            fail(f'training loss is {train_loss} in epoch {epoch}; the last good checkpoint is {resume}')
-        row = dict(epoch=epoch, train_loss=train_loss, lr=lr,
-                   img_per_s=round((steps_per_epoch - first_step) * eff_batch / (time.perf_counter() - epoch_start), 1),
-                   **evaluate(model, val_loader, device, autocast))
-        if is_main:
-            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=0,
-                         best_acc1=max(best_acc1, row['val_acc1']), args=vars(args), identity=identity, log_row=row)
-            if row['val_acc1'] > best_acc1:
-                train.save_checkpoint(state, out / 'checkpoint-best.pth')
-            train.save_checkpoint(state, out / 'checkpoint-last.pth')
-            with open(out / 'log.jsonl', 'a') as f:
-                f.write(json.dumps(row) + '\n')
-            tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
-        best_acc1, last_row = max(best_acc1, row['val_acc1']), row
-        train.barrier()
-    if is_main:
-        print(f'best val top-1: {best_acc1:.2f}%')
+
+def train_one_epoch(run, epoch):
+    """One epoch of fine-tuning or linear probing, from the step a signal stopped it at if it did. -> the epoch's log
+    row (validation included), or None when a signal stops the run (its exact position is then in the checkpoint)."""
+    args, ckpt, device = run.args, run.ckpt, run.device
+    total_steps, warmup_steps = args.epochs * run.steps_per_epoch, args.warmup_epochs * run.steps_per_epoch
+    resuming_mid_epoch = ckpt and ckpt['step'] and epoch == run.start_epoch  # an epoch a signal interrupted
+    first_step = ckpt['step'] if resuming_mid_epoch else 0
+    if resuming_mid_epoch:
+        position = train.rank_position(ckpt, run.rank, run.world_size, run.resume)
+    loss_sum = position['loss_sum'].to(device) if resuming_mid_epoch else torch.zeros((), device=device)
+    run.sampler.set_epoch(epoch)
+    run.sampler.start = first_step * args.batch_size
+    run.model.train()
+    if args.mode == 'linprobe':
+        run.raw_model.encoder.eval()  # frozen features
+    epoch_start = time.perf_counter()
+    batches = iter(run.loader)  # draws the loader's base seed from the RNG: restore the state after it
+    if resuming_mid_epoch:
+        train.restore_rng_states(position['rng_state'], device)
+    stop_vote = train.StopVote(first_step, run.world_size)
+    progress = tqdm(batches, desc=f'epoch {epoch}', initial=first_step, total=run.steps_per_epoch,
+                    disable=not run.is_main)
+    for step, (imgs, labels) in enumerate(progress, start=first_step):
+        lr = train.lr_at(epoch * run.steps_per_epoch + step, total_steps, warmup_steps, run.peak_lr, args.min_lr)
+        for group in run.optimizer.param_groups:
+            group['lr'] = lr * group.get('lr_scale', 1.0)
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if run.mixup:
+            imgs, labels = run.mixup(imgs, labels)
+        with run.autocast:
+            loss = run.criterion(run.model(imgs), labels)
+        loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.clip_grad)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        if (step + 1) % 50 == 0 or step + 1 == run.steps_per_epoch:  # a host sync: only now and then
+            progress.set_postfix(loss=f'{loss_sum.item() / (step + 1):.4f}', lr=f'{lr:.2e}')
+        if stop_vote.stops_after(step, run.steps_per_epoch):  # checkpoint, exit 0
+            save_position(run, epoch, step + 1, loss_sum)
+            return None
+    train_loss = train.all_reduce_mean(loss_sum / run.steps_per_epoch).item()
+    if not math.isfinite(train_loss):
+        fail(f'training loss is {train_loss} in epoch {epoch}; the last good checkpoint is {run.resume}')
+    seconds = time.perf_counter() - epoch_start
+    return dict(epoch=epoch, train_loss=train_loss, lr=lr,
+                img_per_s=round((run.steps_per_epoch - first_step) * run.eff_batch / seconds, 1),
+                **evaluate(run.model, run.val_loader, device, run.autocast))
+
+
+def save_position(run, epoch, steps_done, loss_sum):
+    """A signal stops the run mid-epoch: every rank's exact position goes into the checkpoint (rank 0 writes it)."""
+    positions = train.rank_positions(run.device, loss_sum=loss_sum)
+    if run.is_main:
+        train.save_checkpoint(dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
+                                   epoch=epoch, step=steps_done, ranks=positions, best_acc1=run.best_acc1,
+                                   args=vars(run.args), identity=run.identity, log_row=run.last_row),
+                              run.out / 'checkpoint-last.pth')
+        print(f'\nstopped by a signal in epoch {epoch} after step {steps_done}; the same command continues')
+    train.barrier()
+
+
+def end_epoch(run, epoch, row):
+    """The end of an epoch on rank 0: checkpoints (the best one too), then the log row they cover."""
+    if run.is_main:
+        state = dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), epoch=epoch + 1, step=0,
+                     best_acc1=max(run.best_acc1, row['val_acc1']), args=vars(run.args), identity=run.identity,
+                     log_row=row)
+        if row['val_acc1'] > run.best_acc1:
+            train.save_checkpoint(state, run.out / 'checkpoint-best.pth')
+        train.save_checkpoint(state, run.out / 'checkpoint-last.pth')
+        with open(run.out / 'log.jsonl', 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+    run.best_acc1, run.last_row = max(run.best_acc1, row['val_acc1']), row
+    train.barrier()
+
+
+def evaluate_encoder(args):
+    """The run, its flags already checked and its output folder held (main): the encoder and the data, then either
+    k-NN, or set-up and resume, train_one_epoch and end_epoch for every epoch, and the export."""
+    run = train.Run()
+    run.args = args
+    run.rank, run.world_size, run.device = train.init_distributed(args.device)
+    run.is_main, run.out = run.rank == 0, Path(args.output_dir)
+    run.autocast = train.autocast_for(args, run.device)
+    torch.manual_seed(args.seed)
+    run.encoder = load_encoder(args)
+    if args.export_timm and type(run.encoder) is not ViT:
+        fail(f'--export_timm: timm has no {type(run.encoder).__name__}; only ViT encoders export')
+    if args.pool is None:
+        args.pool = 'cls' if run.encoder.num_prefix_tokens else 'mean'
+    if args.pool == 'cls' and not run.encoder.num_prefix_tokens:
+        fail(f'--pool cls: the {args.method} encoder has no cls token; use --pool mean')
+    build_data(run)
+    run.model = run.raw_model = Classifier(run.encoder, run.num_classes, args.mode, args.pool).to(run.device)
+    if args.mode == 'knn':
+        return knn(run)
+    set_up_training(run)
+    for epoch in range(run.start_epoch, args.epochs):
+        train.seed_everything(args.seed, epoch, run.rank)  # as train.py: resume without stored RNG state
+        row = train_one_epoch(run, epoch)
+        if row is None:  # stopped by a signal
+            return
+        end_epoch(run, epoch, row)
+    if run.is_main:
+        print(f'best val top-1: {run.best_acc1:.2f}%')
         if args.export_timm:
-            export_timm(raw_model if args.mode == 'finetune' else None, raw_model.encoder, args.export_timm)
+            export_timm(run.raw_model if args.mode == 'finetune' else None, run.encoder, args.export_timm)
 
 
 def main(args):

@@ -106,7 +106,8 @@ def bench_method(method, args, device, peak_flops):
     img_per_s = args.batch_size / seconds
     return dict(method=method, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
                 device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
-                batch_size=args.batch_size, precision=args.precision, compile=args.compile, step_ms=round(seconds * 1e3, 2), img_per_s=round(img_per_s, 1),
+                batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+                step_ms=round(seconds * 1e3, 2), img_per_s=round(img_per_s, 1),
                 teacher_ms=round(teacher_seconds * 1e3, 2),
                 gflops_per_img=round(flops / 1e9, 3),
                 peak_mem_mb=round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == 'cuda' else None,

@@ -121,6 +121,10 @@ def validate_args(args):
             fail(f'--{flag} {getattr(args, flag)} must lie in [0, 1)')
     if args.knn_t <= 0:
         fail(f'--knn_t {args.knn_t}: the vote temperature must be positive')
+    try:  # timm asserts on a policy it does not know
+        create_transform(32, is_training=True, auto_augment=args.aa)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        fail(f'--aa {args.aa}: not a policy timm knows ({e}); e.g. rand-m9-mstd0.5')
     if args.clip_grad is not None and args.clip_grad <= 0:
         fail(f'--clip_grad {args.clip_grad} must be positive (leave it out for no clipping)')
     train.check_device(args.device)

@@ -153,7 +153,7 @@ def cases(w):
         ev(w['mae'], '--warmup_epochs', '-1'), ev(w['mae'], '--num_workers', '-1'), ev(w['mae'], '--img_size', '30'),
         ev(w['mae'], '--img_size', '0'), ev(w['mae'], '--patch_size', '0'), ev(w['mae'], '--device', 'bogus'),
         ev(w['mae'], '--device', 'cuda') if not torch.cuda.is_available() else ev(w['mae'], '--device', 'cuda:99'),
-        ev(w['mae'], '--mode', 'bogus'), ev(w['mae'], '--model', 'vit_giant'),
+        ev(w['mae'], '--mode', 'bogus'), ev(w['mae'], '--model', 'vit_giant'), ev(w['mae'], '--aa', 'bogus'),
         ev(w['mae'], '--export_timm', '/nonexistent/dir/x.pth'), ev(w['mcmae'], '--export_timm', str(r / 'x.pth')),
         ev(w['mcmae'], '--mode', 'linprobe', '--pool', 'cls'), ev(w['mae'], '--clip_grad', '0'),
         ['--checkpoint', str(w['mae']), '--data', str(w['no_val']), *EVALUATE],

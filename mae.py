@@ -181,10 +181,11 @@ def encoder_state_dict(state_dict):
     return {k: v for k, v in state_dict.items() if k.startswith(ENCODER_KEYS)}
 
 
-def read_encoder_state_dict(path):
+def read_encoder_state_dict(path, hybrid=False):
     """The ViT encoder weights in a checkpoint file of any layout met in practice: ours (train.py checkpoints,
     dBOT teacher files), official MAE ({'model': ...}), timm and DINO state dicts (flat), DINO training
-    checkpoints ({'teacher': ...} with 'module.backbone.' prefixes). Raises ValueError naming the problem."""
+    checkpoints ({'teacher': ...} with 'module.backbone.' prefixes); with hybrid=True MCMAE's hybrid encoder too (its
+    conv stages under patch_embed.stem1...). Raises ValueError naming the problem."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
@@ -199,7 +200,7 @@ def read_encoder_state_dict(path):
     if not isinstance(checkpoint, dict):
         raise ValueError(f'{path}: holds no state dict')
     state = {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in checkpoint.items()}
-    if any(key.startswith('patch_embed.stem1.') for key in state):
+    if not hybrid and any(key.startswith('patch_embed.stem1.') for key in state):
         raise ValueError(f'{path}: an MCMAE encoder (convolution stages before the transformer), which cannot serve '
                          f'as a ViT; use a checkpoint of mae, mrmae or dbot')
     if 'patch_embed.proj.weight' not in state:
@@ -220,6 +221,12 @@ def resize_pos_embed(pos_embed, grid_size, num_prefix_tokens=1):
     return torch.cat([pos_embed[:, :num_prefix_tokens], patches], dim=1)
 
 
+def default_heads(embed_dim):
+    """The heads of the standard ViT of that width (weights cannot tell them), else one per 64 channels."""
+    return next((size['num_heads'] for size in VIT_SIZES.values() if size['embed_dim'] == embed_dim),
+                max(1, embed_dim // 64))
+
+
 def build_vit(state_dict, img_size, vit_class=ViT, num_heads=None):
     """A ViT with the architecture that state_dict implies (width, depth, patch and MLP size; the heads, which
     weights cannot tell, from num_heads or else the standard size of that width), holding those weights."""
@@ -227,8 +234,7 @@ def build_vit(state_dict, img_size, vit_class=ViT, num_heads=None):
     embed_dim, patch_size = weight.shape[0], weight.shape[-1]
     depth = len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')})
     mlp_ratio = state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim if depth else 4.0
-    num_heads = num_heads or next((size['num_heads'] for size in VIT_SIZES.values()
-                                   if size['embed_dim'] == embed_dim), max(1, embed_dim // 64))
+    num_heads = num_heads or default_heads(embed_dim)
     model = vit_class(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio)
     state_dict = dict(state_dict, pos_embed=resize_pos_embed(state_dict['pos_embed'], model.grid_size))
     try:

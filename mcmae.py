@@ -1,5 +1,5 @@
 """
-MCMAE (ConvMAE): masked convolution stages before the transformer, and MR-MCMAE.
+MCMAE (ConvMAE): masked convolution stages before the transformer.
 
 Gao et al., "ConvMAE: Masked Convolution Meets Masked Autoencoders", 2022. https://arxiv.org/abs/2205.03892
 Only what the paper adds to MAE (mae.py): a hybrid encoder. Two convolution stages at 1/4 and 1/8 of the resolution
@@ -12,17 +12,17 @@ whole patch in every stage. Decoder and loss are MAE's; like ConvMAE v1 there is
 Sizes follow --model: stage widths (D/3, D/2, D), 2 and 2 conv blocks, then depth - 1 transformer blocks; for
 vit_base that is ConvMAE-B's 256/384/768 with 2/2/11. --patch_size is the overall stride (16 in the paper; the
 stem's stride is a quarter of it).
-MR-MCMAE = this encoder + MR-MAE's mimic heads on the visible stage-3 tokens (mrmae.Mimic).
+MR-MCMAE (this encoder + MR-MAE's mimic heads on the visible stage-3 tokens) is in mrmae.py, with the paper
+that adds it.
 """
 
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 
+from mae import MAE, ViT, default_heads, drop_path_rates, gather_tokens, resize_pos_embed
+
 # The official convolution stages use LayerNorm's default eps, where the transformer blocks use 1e-6.
 CONV_NORM_EPS = 1e-5
-
-from mae import MAE, ViT, drop_path_rates, gather_tokens
-from mrmae import Mimic
 
 
 class ConvEmbed(nn.Module):
@@ -118,6 +118,23 @@ class ConvViT(ViT):
         return self.patch_embed(imgs, visible)[0] + self.pos_embed
 
 
+def build_conv_vit(state_dict, img_size):
+    """A ConvViT with the sizes that an MCMAE encoder's weights imply (width, transformer depth, overall stride, MLP
+    size; the heads from the standard size of that width), holding those weights: e.g. as a teacher (teachers.py)."""
+    embed_dim = state_dict['patch_embed.proj.weight'].shape[0]  # the stage-3 embedding's output width
+    patch_size = 4 * state_dict['patch_embed.stem1.proj.weight'].shape[-1]  # the stem's stride is a quarter of it
+    blocks = len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')})
+    mlp_ratio = state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim if blocks else 4.0
+    model = ConvViT(img_size, patch_size, embed_dim, blocks + 1, default_heads(embed_dim), mlp_ratio)
+    state_dict = dict(state_dict, pos_embed=resize_pos_embed(state_dict['pos_embed'], model.grid_size, 0))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:  # names every missing, unexpected or mis-shaped key
+        raise ValueError(f'weights do not fit an MCMAE encoder of width {embed_dim}, {blocks} transformer blocks, '
+                         f'stride {patch_size}: ' + ' '.join(str(e).split())) from None
+    return model
+
+
 class MCMAE(MAE, ConvViT):  # MAE's decoder and loss on the hybrid encoder
     encoder_class = ConvViT
 
@@ -140,15 +157,3 @@ class MCMAE(MAE, ConvViT):  # MAE's decoder and loss on the hybrid encoder
         fused = (self.fuse1(stage1) + self.fuse2(stage2)).flatten(2).transpose(1, 2)
         return self.norm(x + gather_tokens(fused, ids_keep)), mask, ids_restore
 
-
-class MRMCMAE(Mimic, MCMAE):
-    flags = tuple(flag for flag in Mimic.flags if flag != 'fusion_layers')  # it mimics the fused stage-3 tokens
-
-    def __init__(self, teacher_dims, mimic_weight=1.0, fusion_layers=0, focused_mimic=False, **kwargs):
-        super().__init__(**kwargs)
-        self.add_mimic_heads(teacher_dims, mimic_weight, focused_mimic)
-        self.initialize_weights()  # again, for the heads
-
-    def forward_encoder(self, imgs, mask_ratio, noise=None):
-        latent, mask, ids_restore = super().forward_encoder(imgs, mask_ratio, noise)
-        return latent, latent, mask, ids_restore  # the heads see the visible stage-3 tokens

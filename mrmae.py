@@ -1,10 +1,11 @@
 """
-MR-MAE: mimic before reconstruct.
+MR-MAE: mimic before reconstruct, and MR-MCMAE.
 
 "Mimic before Reconstruct: Enhancing Masked Autoencoders with Feature Mimicking", 2023. https://arxiv.org/abs/2303.05475
 Only what the paper adds to MAE (mae.py): the encoder's visible tokens mimic frozen teachers' features at the same
 positions (CLIP and DINO), through one linear head per teacher, while the decoder reconstructs the pixels of the
 hidden tokens exactly as in MAE. The two targets touch disjoint tokens, so they do not pull against each other.
+The paper applies the same to MCMAE's hybrid encoder (mcmae.py): MR-MCMAE, at the end of this file.
 """
 
 import re
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mae import MAE, gather_tokens, whiten
+from mcmae import MCMAE
 from teachers import load_clip, load_dino, load_own
 
 
@@ -53,8 +55,14 @@ def load_teachers(args, state=None):
             raise ValueError(f'teacher {name}: {source["weights"]} is not the file this run started with '
                              f'({state.get(name)})')
     # Focused mimicking follows DINO's attention when DINO teaches (its [CLS] attention is the one known to single
-    # out objects), else the first teacher's.
-    focus = ('dino' if 'dino' in teachers else next(iter(teachers))) if args.focused_mimic else None
+    # out objects), else the first teacher's that has a [CLS] token (MCMAE encoders have none).
+    focus = None
+    if args.focused_mimic:
+        with_cls = [name for name, teacher in teachers.items() if teacher.num_prefix_tokens]
+        if not with_cls:
+            raise ValueError(f'--focused_mimic follows a teacher\'s [CLS] attention, and none of --teacher '
+                             f'{args.teacher} has a [CLS] token (MCMAE encoders have none): add a ViT teacher')
+        focus = 'dino' if 'dino' in with_cls else with_cls[0]
     return MimicTeachers(teachers, sources, focus)
 
 
@@ -129,3 +137,16 @@ class MRMAE(Mimic, MAE):
             return latent, latent, mask, ids_restore
         mixed = sum(w * h for w, h in zip(self.fusion_logits.softmax(dim=0), outputs[-len(self.fusion_logits):]))
         return latent, self.norm(mixed), mask, ids_restore
+
+
+class MRMCMAE(Mimic, MCMAE):  # MCMAE whose visible stage-3 tokens mimic the teachers
+    flags = tuple(flag for flag in Mimic.flags if flag != 'fusion_layers')  # it mimics the fused stage-3 tokens
+
+    def __init__(self, teacher_dims, mimic_weight=1.0, fusion_layers=0, focused_mimic=False, **kwargs):
+        super().__init__(**kwargs)
+        self.add_mimic_heads(teacher_dims, mimic_weight, focused_mimic)
+        self.initialize_weights()  # again, for the heads
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        latent, mask, ids_restore = super().forward_encoder(imgs, mask_ratio, noise)
+        return latent, latent, mask, ids_restore  # the heads see the visible stage-3 tokens

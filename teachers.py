@@ -1,6 +1,6 @@
 """
-Frozen teachers, loaded in one place for every method: CLIP through open_clip, DINO through timm, and ViTs trained
-here (train.py checkpoints of mae, mrmae or dbot, dBOT teacher-stageK.pth files). Each is wrapped so that it sees the
+Frozen teachers, loaded in one place for every method: CLIP through open_clip, DINO through timm, and encoders trained
+here (train.py checkpoints of any method: ViTs, and MCMAE's hybrid encoder; dBOT teacher-stageK.pth files). Each is wrapped so that it sees the
 full image re-normalised to its own mean/std at the size that puts its token grid on the student's, and each file is
 recorded with its SHA-256, so that a resumed run can insist on the same teachers. Used by mrmae.py (and mcmae.py's
 MR-MCMAE) and by dbot.py's CLIP teacher; knows no method.
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from mae import build_vit, read_encoder_state_dict
+from mcmae import build_conv_vit
 
 
 class FrozenViT(nn.Module):
@@ -25,9 +26,10 @@ class FrozenViT(nn.Module):
     image at 128 px): each teacher token then covers the same pixels as the student token it teaches, which
     resampling a token map computed at the teacher's native size would only approximate."""
 
-    def __init__(self, backbone, mean, std, patch_size, grid_size, width):
+    def __init__(self, backbone, mean, std, patch_size, grid_size, width, num_prefix_tokens=1):
         super().__init__()
         self.backbone = backbone.requires_grad_(False).eval()
+        self.num_prefix_tokens = num_prefix_tokens  # cls (and register) tokens before the patch tokens
         self.input_size = (grid_size[0] * patch_size, grid_size[1] * patch_size)
         self.width = width
         mean, std = torch.tensor(mean), torch.tensor(std)
@@ -36,7 +38,7 @@ class FrozenViT(nn.Module):
         self.register_buffer('scale', scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer('shift', shift.view(1, 3, 1, 1), persistent=False)
 
-    def last_two_blocks(self, x):  # -> outputs of the last two blocks, (B, 1 + L, D) each, cls first
+    def last_two_blocks(self, x):  # -> outputs of the last two blocks, (B, prefix + L, D) each, prefix tokens first
         raise NotImplementedError
 
     def last_block(self):  # -> norm, fused qkv weight and bias, heads: timm's layout, which ours shares
@@ -55,15 +57,16 @@ class FrozenViT(nn.Module):
         """-> the last block's patch tokens (B, L, D_t), before any final norm or projection, and with attention=True
         the last layer's [CLS] -> patch attention averaged over heads (B, L), else None."""
         before_last, last = self.last_two_blocks(self.prepare(imgs))
+        n = self.num_prefix_tokens
         if not attention:
-            return last[:, 1:], None
+            return last[:, n:], None
         norm, qkv_weight, qkv_bias, heads = self.last_block()
         q, k, _ = F.linear(norm(before_last), qkv_weight, qkv_bias).chunk(3, dim=-1)
         B, N, D = k.shape
         q = q[:, :1].reshape(B, 1, heads, D // heads).transpose(1, 2)  # (B, heads, 1, D/heads)
         k = k.reshape(B, N, heads, D // heads).transpose(1, 2)  # (B, heads, N, D/heads)
         weights = (q @ k.transpose(-2, -1) * (D // heads) ** -0.5).softmax(dim=-1)  # (B, heads, 1, N)
-        return last[:, 1:], weights.mean(dim=1)[:, 0, 1:]
+        return last[:, n:], weights.mean(dim=1)[:, 0, n:]
 
 
 class ClipTeacher(FrozenViT):  # open_clip's VisionTransformer
@@ -84,7 +87,7 @@ class TimmTeacher(FrozenViT):  # timm's VisionTransformer (DINO)
         return [torch.cat([prefix, tokens], dim=1) for tokens, prefix in out]
 
 
-class OwnTeacher(FrozenViT):  # a ViT trained here (mae.py)
+class OwnTeacher(FrozenViT):  # an encoder trained here: a ViT (mae.py) or MCMAE's hybrid (mcmae.py), no cls token
     def last_two_blocks(self, x):
         x = self.backbone.embed(x)
         for block in self.backbone.blocks[:-1]:
@@ -145,17 +148,26 @@ def load_dino(args, grid):
     except Exception as e:
         raise ValueError(f'--dino_weights {weights}: cannot load into {args.dino_model} ({str(e)[:200]})') from None
     cfg = backbone.pretrained_cfg
-    teacher = TimmTeacher(backbone, cfg['mean'], cfg['std'], patch, grid, backbone.embed_dim)
+    teacher = TimmTeacher(backbone, cfg['mean'], cfg['std'], patch, grid, backbone.embed_dim,
+                          backbone.num_prefix_tokens)
     return teacher, dict(model=args.dino_model, weights=weights, sha256=digest)
 
 
 def load_own(path, grid):
+    """An encoder trained here, from any of our checkpoints or exports: a ViT, or MCMAE's hybrid encoder, whose
+    patch tokens are the last transformer block's output over the stage-3 grid (without the pre-training's
+    multi-scale fusion, which belongs to MCMAE's reconstruction, as in its fine-tuning)."""
     weights, digest = weights_source('--teacher', path, [])
-    state = read_encoder_state_dict(weights)
-    patch = state['patch_embed.proj.weight'].shape[-1]
-    vit = build_vit(state, grid[0] * patch)
-    teacher = OwnTeacher(vit, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, patch, grid, vit.cls_token.shape[-1])
-    return teacher, dict(model='vit', weights=weights, sha256=digest)
+    state = read_encoder_state_dict(weights, hybrid=True)
+    if 'patch_embed.stem1.proj.weight' in state:
+        patch = 4 * state['patch_embed.stem1.proj.weight'].shape[-1]
+        encoder, model = build_conv_vit(state, grid[0] * patch), 'mcmae'
+    else:
+        patch = state['patch_embed.proj.weight'].shape[-1]
+        encoder, model = build_vit(state, grid[0] * patch), 'vit'
+    teacher = OwnTeacher(encoder, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, patch, grid,
+                         encoder.norm.normalized_shape[0], encoder.num_prefix_tokens)
+    return teacher, dict(model=model, weights=weights, sha256=digest)
 
 
 def save_standin_weights(folder, clip_model='ViT-S-16', dino_model='vit_small_patch16_224.dino'):

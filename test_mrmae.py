@@ -11,6 +11,7 @@ import mrmae
 import teachers
 import train
 from mae import MAE, encoder_state_dict
+from mcmae import MCMAE
 
 
 @pytest.fixture(scope='module')
@@ -133,6 +134,29 @@ def test_own_vit_checkpoint_as_teacher(standin, tmp_path):
     own = teacher.teachers['mae_teacher'].backbone
     trained_weights = encoder_state_dict(trained.state_dict())
     assert torch.equal(own.blocks[1].attn.qkv.weight, trained_weights['blocks.1.attn.qkv.weight'])
+
+
+def test_own_mcmae_checkpoint_as_teacher(standin, tmp_path):
+    """An MCMAE encoder trained here teaches with its last transformer block's output over the stage-3 grid, every
+    position visible, at the size that puts that grid on the student's; it has no [CLS] token to focus with."""
+    torch.manual_seed(0)
+    trained = MCMAE(img_size=128, patch_size=16, embed_dim=192, depth=3, num_heads=3, decoder_dim=32, decoder_depth=1)
+    for param in trained.parameters():  # away from the initialisation, so that a wrong load would show
+        param.data.add_(0.02 * torch.randn_like(param))
+    torch.save(dict(model=trained.state_dict()), tmp_path / 'mcmae-teacher.pth')
+    args = mrmae_args(standin, '--teacher', str(tmp_path / 'mcmae-teacher.pth'), '--img_size', '64')
+    teacher = mrmae.load_teachers(args)
+    own = teacher.teachers['mcmae_teacher']
+    assert teacher.sources['mcmae_teacher']['model'] == 'mcmae' and own.num_prefix_tokens == 0
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        features = teacher(imgs)['features']['mcmae_teacher']
+        expected = trained.forward_blocks(own.prepare(imgs))  # the pre-training model's own conv stages and blocks
+    assert features.shape == (2, 64, 192)  # stride 16 at 128 px: the student's 8 x 8 grid
+    torch.testing.assert_close(features, expected)
+    with pytest.raises(ValueError, match='MCMAE encoders have none'):
+        mrmae.load_teachers(mrmae_args(standin, '--teacher', str(tmp_path / 'mcmae-teacher.pth'), '--img_size', '64',
+                                       '--focused_mimic'))
 
 
 def run(image_folder, output_dir, standin, *extra):

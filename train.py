@@ -42,7 +42,7 @@ import mae
 import mcmae
 import mrmae
 
-METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'mcmae': mcmae.MCMAE, 'mrmcmae': mcmae.MRMCMAE,
+METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'mcmae': mcmae.MCMAE, 'mrmcmae': mrmae.MRMCMAE,
            'dbot': dbot.DBOT}
 
 

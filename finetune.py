@@ -39,6 +39,7 @@ MODE_DEFAULTS = {
     'finetune': dict(epochs=100, warmup_epochs=5, blr=5e-4, weight_decay=0.05),
     'linprobe': dict(epochs=90, warmup_epochs=10, blr=0.1, weight_decay=0.0),
     'knn': dict(epochs=0, warmup_epochs=0, blr=0.0, weight_decay=0.0),
+    'frozen': dict(epochs=90, warmup_epochs=10, blr=0.1, weight_decay=0.0),  # the linear classifier's, on cached features
 }
 
 
@@ -290,28 +291,59 @@ def evaluate(model, loader, device, autocast):
 
 
 @torch.no_grad()
-def knn_evaluate(classifier, train_loader, val_loader, num_classes, k, temperature, device):
+def extract_features(classifier, dataset, args, device, split):
+    """Frozen features of every image of dataset (its evaluation view), in order: (N, D) float32 and (N,) labels."""
+    classifier.eval()
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    features, labels = zip(*[(classifier.features(x.to(device)).float(), y.to(device))
+                             for x, y in tqdm(loader, desc=f'{split} features')])
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_evaluate(bank, bank_labels, queries, query_labels, num_classes, k, temperature):
     """Weighted k-NN on L2-normalised frozen features (as DINO): each of the k most cosine-similar training images
     votes for its class with weight exp(similarity / temperature)."""
-    classifier.eval()
-
-    def extract(loader, split):
-        features, labels = zip(*[(F.normalize(classifier.features(x.to(device)).float(), dim=1), y.to(device))
-                                 for x, y in tqdm(loader, desc=f'k-NN: {split} features')])
-        return torch.cat(features), torch.cat(labels)
-
-    bank, bank_labels = extract(train_loader, 'train')
-    queries, query_labels = extract(val_loader, 'val')
+    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
     top1 = top5 = 0
     for start in range(0, len(queries), 256):
         similarity, neighbours = (queries[start:start + 256] @ bank.T).topk(min(k, len(bank)), dim=1)
-        votes = torch.zeros(len(similarity), num_classes, device=device)
+        votes = torch.zeros(len(similarity), num_classes, device=bank.device)
         votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
         predictions = votes.topk(min(5, num_classes), dim=1).indices
         truth = query_labels[start:start + 256]
         top1 += (predictions[:, 0] == truth).sum().item()
         top5 += (predictions == truth[:, None]).any(dim=1).sum().item()
     return dict(val_acc1=100 * top1 / len(queries), val_acc5=100 * top5 / len(queries))
+
+
+def linear_on_features(train_x, train_y, val_x, val_y, num_classes, args):
+    """--mode frozen's linear probe: a linear classifier on cached features, trained in seconds. The features are
+    standardised by the training set's mean and std (MAE §A.4's BatchNorm without affine parameters, whose statistics
+    on fixed features are exactly these), then SGD with momentum and a cosine schedule, as --mode linprobe. Unlike
+    MAE's probe the features are of one centre view per image, computed once: no random crops or flips."""
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    trunc_normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    peak_lr = args.lr or args.blr * args.batch_size / 256
+    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = max(1, len(train_x) // args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    for step in range(total_steps):
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
+        for group in optimizer.param_groups:
+            group['lr'] = train.lr_at(step, total_steps, args.warmup_epochs * steps_per_epoch, peak_lr, args.min_lr)
+        batch = order[step % steps_per_epoch * args.batch_size:][:args.batch_size]
+        F.cross_entropy(head(train_x[batch]), train_y[batch]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        top5 = head(val_x).topk(min(5, num_classes), dim=1).indices
+    return dict(val_acc1=100 * (top5[:, 0] == val_y).float().mean().item(),
+                val_acc5=100 * (top5 == val_y[:, None]).any(dim=1).float().mean().item())
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -345,20 +377,48 @@ def build_data(run):
         fail(f'--nb_classes {run.num_classes}: the data has {len(classes)} classes')
 
 
-def knn(run):
-    """--mode knn: no training, one process; the result names the k it really used."""
+def cached_features(run):
+    """Train and val features of the frozen encoder, computed once: kept in OUTPUT_DIR/features.pt with what they are
+    of (the checkpoint's content, pooling, image size and crop), so a rerun on the same encoder reads them back."""
+    args = run.args
+    key = dict(run_identity(args), pool=args.pool, crop_pct=args.crop_pct)
+    del key['mode']  # k-NN and the linear classifier read the same features
+    path = run.out / 'features.pt'
+    if path.exists():
+        cached = torch.load(path, map_location=run.device, weights_only=True)
+        if cached['key'] == key:
+            return cached['features']
+    features = [*extract_features(run.model, run.train_set, args, run.device, 'train'),
+                *extract_features(run.model, run.val_set, args, run.device, 'val')]
+    train.save_checkpoint(dict(key=key, features=features), path)
+    return features
+
+
+def frozen(run):
+    """--mode knn (k-NN) and --mode frozen (k-NN and a linear classifier on the same cached features): no training of
+    the encoder, one process; the result names the k it really used."""
     args = run.args
     if run.world_size > 1:
-        fail('--mode knn runs in one process (it trains nothing)')
-    loader_kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
+        fail(f'--mode {args.mode} runs in one process (it trains no encoder)')
     k = min(args.knn_k, len(run.train_set))
-    result = knn_evaluate(run.model, DataLoader(run.train_set, **loader_kw), DataLoader(run.val_set, **loader_kw),
-                          run.num_classes, k, args.knn_t, run.device)
+    start = time.perf_counter()
+    train_x, train_y, val_x, val_y = cached_features(run)
+    row = dict(mode=args.mode, k=k, checkpoint=args.checkpoint,
+               **knn_evaluate(train_x, train_y, val_x, val_y, run.num_classes, k, args.knn_t))
+    if args.mode == 'frozen':
+        linear = linear_on_features(train_x, train_y, val_x, val_y, run.num_classes, args)
+        row.update(knn_acc1=row.pop('val_acc1'), knn_acc5=row.pop('val_acc5'), linear_epochs=args.epochs,
+                   linear_acc1=linear['val_acc1'], linear_acc5=linear['val_acc5'])
+    row['seconds'] = round(time.perf_counter() - start, 1)
     with open(run.out / 'log.jsonl', 'a') as f:
-        f.write(json.dumps(dict(mode='knn', k=k, checkpoint=args.checkpoint, **result)) + '\n')
+        f.write(json.dumps(row) + '\n')
     fewer = f', all {k} training images: fewer than --knn_k {args.knn_k}' if k < args.knn_k else ''
+    knn_acc1, knn_acc5 = row.get('knn_acc1', row.get('val_acc1')), row.get('knn_acc5', row.get('val_acc5'))
     print(f'k-NN (k={k}{fewer}) of {args.method}/{args.model} from {args.checkpoint}: '
-          f'top-1 {result["val_acc1"]:.2f}%, top-5 {result["val_acc5"]:.2f}%')
+          f'top-1 {knn_acc1:.2f}%, top-5 {knn_acc5:.2f}%')
+    if args.mode == 'frozen':
+        print(f'linear classifier on the cached features ({args.epochs} epochs): top-1 {row["linear_acc1"]:.2f}%, '
+              f'top-5 {row["linear_acc5"]:.2f}%')
     if args.export_timm:
         export_timm(None, run.encoder, args.export_timm)
 
@@ -510,8 +570,8 @@ def evaluate_encoder(args):
         fail(f'--pool cls: the {args.method} encoder has no cls token; use --pool mean')
     build_data(run)
     run.model = run.raw_model = Classifier(run.encoder, run.num_classes, args.mode, args.pool).to(run.device)
-    if args.mode == 'knn':
-        return knn(run)
+    if args.mode in ('knn', 'frozen'):
+        return frozen(run)
     set_up_training(run)
     for epoch in range(run.start_epoch, args.epochs):
         train.seed_everything(args.seed, epoch, run.rank)  # as train.py: resume without stored RNG state

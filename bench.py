@@ -75,8 +75,9 @@ def median_seconds(fn, device, warmup, steps):
     return statistics.median(times)
 
 
-def bench_method(method, args, device, peak_flops):
-    args.method, args.teacher = method, None  # each method's default teacher
+def bench_method(method, args, device, peak_flops, teacher_flag=None):
+    # A --teacher given on the command line is MR-MAE's (e.g. ViT files trained here); dBOT and the rest keep their own.
+    args.method, args.teacher = method, teacher_flag if method.startswith('mr') else None
     torch.manual_seed(0)
     if method == 'hf_vitmae':
         model, teacher = HFViTMAE(args).to(device), None
@@ -154,7 +155,8 @@ def main():
                                                                           args.dino_model)
     peak_flops = train.measured_peak_flops(device) if device.type == 'cuda' else None
     methods = [] if args.data_only else args.methods.split(',') if args.methods else available_methods()
-    results = [bench_method(m, args, device, peak_flops) for m in methods]
+    teacher_flag = args.teacher  # bench_method sets args.teacher per method
+    results = [bench_method(m, args, device, peak_flops, teacher_flag) for m in methods]
     if args.data:
         results.append(bench_loader(args, device))
     if args.json:

@@ -1,162 +1,339 @@
 """
-The papers' claims at small scale: every method pre-trained on the same data with the same budget, every encoder (and a
-from-scratch baseline) evaluated with the same fine-tuning, linear probe and k-NN; then a table and two figures.
+The papers' claims at small scale: every method pre-trained on the same data with the same budget, every encoder
+(plus a random-init encoder and a from-scratch classifier) evaluated by k-NN, a linear classifier on cached frozen
+features, and fine-tuning with one short fixed budget; then a table, per-run JSON records and figures.
 
-    python reproduce.py --data /path/to/tiny-imagenet-200 --output_dir results        # the protocol (GPU)
-    python reproduce.py --data FOLDER --output_dir /tmp/smoke --smoke                   # minutes on a CPU
+    python reproduce.py --data /tmp/data/tiny-imagenet-200 --budget cpu     # Tiny-ImageNet-50, 2 CPU cores, ~4 h
+    python reproduce.py --data /path/to/tiny-imagenet-200 --budget gpu --output_dir results/gpu
+    python reproduce.py --data FOLDER --output_dir /tmp/smoke --budget smoke   # minutes: the protocol end to end
 
-MR-MAE and MR-MCMAE mimic the MAE and dBOT encoders pre-trained here (no CLIP or DINO weights are needed); their rows'
-total compute includes those teachers' pre-training. Every run is one train.py / finetune.py invocation, executed
-in-process with the exact arguments written to commands.txt, so each can be repeated on its own.
-Outputs in --output_dir: results.md (the table), finetune_top1.png, pretrain_loss.png, commands.txt and every run's
-own directory (checkpoints, log.jsonl).
+Sittings: a run whose record results/runs/NAME.json exists is finished and skipped; an unfinished one continues
+from its checkpoint in --work_dir (train.py and finetune.py resume). A signal stops the sitting after the current
+run has checkpointed. MR-MAE and MR-MCMAE mimic the MAE and dBOT encoders pre-trained here (no CLIP or DINO weights
+exist on these machines), read from encoder-only fp16 files in results/encoders/, so a sitting on a fresh machine
+can continue; their rows' compute includes those teachers' pre-training. Every run is one train.py / finetune.py
+invocation, executed in this process with the exact arguments written to commands.txt, so any run can be repeated
+on its own.
 """
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import matplotlib
+import torch
 
 import finetune
 import train
 
-PRETRAIN = ['mae', 'dbot', 'mcmae', 'mrmae', 'mrmcmae']  # in dependency order: MR-* mimic MAE and dBOT
-TEACHERS = {'mae': 'pixels', 'dbot': 'bootstrapped (random start)', 'mcmae': 'pixels',
-            'mrmae': 'MAE + dBOT encoders (ours)', 'mrmcmae': 'MAE + dBOT encoders (ours)', 'scratch': '-'}
+matplotlib.use('Agg')  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+# Per budget: pre-training epochs E for every method (dBOT's two stages share them), warm-up epochs per stage, the
+# one fine-tuning budget and the encoders it is spent on, batch size and loader. The CPU budget is the smallest that
+# the protocol allows (dBOT needs two stages of at least one epoch), sized from bench.py on the 2-core machine
+# (README, Results); it runs for about five hours there.
+BUDGETS = {
+    'cpu': dict(pretrain_epochs=2, warmup_epochs=0, finetune_epochs=1, finetune_warmup_epochs=0, batch_size=128,
+                num_workers=2, gpu_data=True, fine_tune=('random-init', 'mae', 'dbot'), model_flags=[]),
+    'gpu': dict(pretrain_epochs=100, warmup_epochs=10, finetune_epochs=50, finetune_warmup_epochs=5, batch_size=256,
+                num_workers=8, gpu_data=True, fine_tune=('random-init', 'mae', 'dbot', 'mcmae', 'mrmae', 'mrmcmae'),
+                model_flags=[]),
+    'smoke': dict(pretrain_epochs=2, warmup_epochs=1, finetune_epochs=1, finetune_warmup_epochs=0, batch_size=4,
+                  num_workers=0, gpu_data=False, fine_tune=('random-init', 'mae'),
+                  model_flags=['--decoder_dim', '32', '--decoder_depth', '1']),
+}
+TEACHER_ROWS = ('mae', 'dbot')  # MR-MAE and MR-MCMAE mimic these encoders
+# The table's rows and what each encoder learned to predict
+TARGETS = {'random-init': '- (no pre-training)', 'mae': 'pixels', 'dbot-stage1': 'a random teacher\'s features',
+           'dbot': 'bootstrapped features (2 stages)', 'mcmae': 'pixels', 'mrmae': 'pixels + MAE and dBOT features',
+           'mrmcmae': 'pixels + MAE and dBOT features'}
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Small-scale reproduction of the papers\' claims')
     parser.add_argument('--data', required=True, help='an ImageFolder root with train/ and val/ (Tiny-ImageNet)')
-    parser.add_argument('--output_dir', default='results')
+    parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
+    parser.add_argument('--output_dir', default='results', help='the table, records, figures, teacher encoders')
+    parser.add_argument('--work_dir', default=None, help='checkpoints and logs of every run (default: '
+                                                         'output/reproduce-BUDGET; not for git)')
     parser.add_argument('--model', default='vit_tiny')
     parser.add_argument('--img_size', default=64, type=int)
     parser.add_argument('--patch_size', default=8, type=int)
-    parser.add_argument('--pretrain_epochs', default=100, type=int, help='per method; dBOT splits it into 2 stages')
-    parser.add_argument('--finetune_epochs', default=50, type=int)
-    parser.add_argument('--linprobe_epochs', default=30, type=int)
-    parser.add_argument('--batch_size', default=256, type=int)
-    parser.add_argument('--num_workers', default=8, type=int)
-    parser.add_argument('--gpu_data', action='store_true', help='pass --gpu_data to pre-training')
     parser.add_argument('--seed', default=0, type=int)
-    parser.add_argument('--smoke', action='store_true',
-                        help='a minuscule run of the whole protocol (1-2 epochs, tiny batches) to check it end to end')
     return parser
 
 
-def run(script, argv, log):
-    """One train.py / finetune.py run, in this process; returns its wall-clock seconds over every sitting that
-    trained it, kept in OUTPUT_DIR/wall_clock.json (a rerun that finds the run finished adds nothing)."""
-    log.write(f'python {script.__name__}.py {shlex.join(argv)}\n')
-    log.flush()
-    out = Path(argv[argv.index('--output_dir') + 1])
-    logged = lambda: (out / 'log.jsonl').read_text() if (out / 'log.jsonl').exists() else ''
-    before, start = logged(), time.perf_counter()
-    script.main(script.get_args_parser().parse_args(argv))
-    record = out / 'wall_clock.json'
-    seconds = json.loads(record.read_text())['seconds'] if record.exists() else 0.0
-    if logged() != before:  # it trained (or evaluated): its time counts
-        seconds += time.perf_counter() - start
-        record.write_text(json.dumps(dict(seconds=seconds)))
-    return seconds
+@dataclass
+class Run:
+    """One train.py or finetune.py invocation, its record's name, and what its record keeps."""
+    name: str
+    script: object
+    argv: list
+    summarise: object  # (output folder) -> the record's numbers
+    after: list = field(default_factory=list)  # callables run once it has finished, before its record is written
+
+    @property
+    def out(self):
+        return Path(self.argv[self.argv.index('--output_dir') + 1])
+
+    def command(self):
+        return f'python {self.script.__name__}.py {shlex.join(self.argv)}'
 
 
-def last_row(path):
-    return json.loads(path.read_text().splitlines()[-1])
+def log_rows(out):
+    path = out / 'log.jsonl'
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def bar_chart(values, path, title):
-    """Horizontal bars, one per method, labelled with their values."""
-    width, bar, left = 640, 28, 150
-    image = Image.new('RGB', (width, 40 + bar * len(values) + 10), 'white')
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 10), title, fill='black')
-    top = max(values.values()) or 1.0
-    for i, (name, value) in enumerate(values.items()):
-        y = 40 + i * bar
-        draw.text((10, y + 8), name, fill='black')
-        draw.rectangle([left, y + 4, left + (width - left - 70) * value / top, y + bar - 4], fill=(70, 110, 180))
-        draw.text((left + (width - left - 70) * value / top + 6, y + 8), f'{value:.1f}', fill='black')
-    image.save(path)
+def machine():
+    model = next((line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
+                  if line.startswith('model name')), 'unknown CPU') if Path('/proc/cpuinfo').exists() else 'unknown'
+    gpu = f', {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ''
+    return f'{model}, {os.cpu_count()} cores{gpu}'
 
 
-def line_chart(curves, path, title):
-    """One line per method: loss against epoch, each normalised by its own first value (the losses of different
-    methods have different units), with a legend."""
-    width, height, margin = 640, 400, 50
-    colours = [(70, 110, 180), (200, 80, 60), (60, 160, 90), (150, 90, 170), (220, 150, 40)]
-    image = Image.new('RGB', (width, height), 'white')
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 10), title, fill='black')
-    draw.rectangle([margin, margin, width - margin, height - margin], outline='black')
-    longest = max(len(c) for c in curves.values())
-    for i, (name, losses) in enumerate(curves.items()):
-        points = [(margin + (width - 2 * margin) * e / max(1, longest - 1),
-                   height - margin - (height - 2 * margin) * min(1.0, loss / losses[0]))
-                  for e, loss in enumerate(losses)]
-        draw.line(points if len(points) > 1 else points * 2, fill=colours[i % len(colours)], width=2)
-        draw.text((width - margin - 120, margin + 8 + 14 * i), name, fill=colours[i % len(colours)])
-    draw.text((margin, height - margin + 8), f'epoch 0 .. {longest - 1}; loss / first epoch\'s loss (0 .. 1)',
-              fill='black')
-    image.save(path)
+# -----------------------------------------------------------------------------------------------------------------
+# What each finished run keeps in its record
+
+def pretrain_summary(epochs):
+    def summarise(out):
+        rows = log_rows(out)
+        if len(rows) < epochs:
+            return None
+        return dict(epochs=epochs, final_loss=rows[-1]['loss'], img_per_s=round(sum(r['img_per_s'] for r in rows)
+                                                                               / len(rows), 1),
+                    gflops_per_img=rows[-1]['gflops_per_img'])
+    return summarise
+
+
+def finetune_summary(epochs):
+    def summarise(out):
+        rows = [row for row in log_rows(out) if 'val_acc1' in row]
+        if len(rows) < epochs:
+            return None
+        return dict(epochs=epochs, top1=rows[-1]['val_acc1'], top5=rows[-1]['val_acc5'], best_top1=max(
+            r['val_acc1'] for r in rows), img_per_s=round(sum(r['img_per_s'] for r in rows) / len(rows), 1))
+    return summarise
+
+
+def frozen_summary(out):
+    rows = [row for row in log_rows(out) if row.get('mode') == 'frozen']
+    if not rows:
+        return None
+    keys = ('k', 'knn_acc1', 'knn_acc5', 'linear_epochs', 'linear_acc1', 'linear_acc5')
+    return {key: rows[-1][key] for key in keys}
+
+
+def execute(run, records):
+    """The run (resuming it where a sitting left it), then its record: the numbers, the command, the wall-clock over
+    every sitting that worked on it, the threads and the machine. -> False when a signal stopped it."""
+    record = records / f'{run.name}.json'
+    if record.exists():
+        return True
+    clock = run.out / 'wall_clock.json'
+    start = time.perf_counter()
+    run.script.main(run.script.get_args_parser().parse_args(run.argv))
+    seconds = (json.loads(clock.read_text())['seconds'] if clock.exists() else 0.0) + time.perf_counter() - start
+    clock.write_text(json.dumps(dict(seconds=seconds)))
+    summary = run.summarise(run.out)
+    if summary is None or train.stop_requested:
+        return False
+    for step in run.after:
+        step(run)
+    record.write_text(json.dumps(dict(
+        run=run.name, command=run.command(), seconds=round(seconds, 1), **summary,
+        omp_num_threads=os.environ.get('OMP_NUM_THREADS'), torch_threads=torch.get_num_threads(),
+        machine=machine(), finished=datetime.now(timezone.utc).isoformat(timespec='seconds')), indent=1) + '\n')
+    print(f'finished {run.name}: {record}')
+    return True
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The plan: every run, in dependency order, each row's pre-training followed by its evaluations
+
+def keep_teacher_encoder(results):
+    """An encoder-only fp16 copy of a finished pre-training (about 11 MB for ViT-Tiny) for the MR rows to mimic."""
+    def keep(run):
+        state = train.load_checkpoint(run.out / 'checkpoint-last.pth')['model']
+        encoder = {k: v.half() for k, v in train.mae.encoder_state_dict(state).items()}
+        torch.save(encoder, results / 'encoders' / f'{run.name}-encoder-fp16.pth')
+    return keep
+
+
+def keep_stage1_encoder(run):
+    """dBOT's last teacher is its stage-1 student (dBOT §3): written out so that stage 1 is evaluated too."""
+    torch.save(train.load_checkpoint(run.out / 'checkpoint-last.pth')['teacher'], run.out / 'stage1-encoder.pth')
+
+
+def keep_log_and_figure(results):
+    def keep(run):
+        shutil.copy(run.out / 'log.jsonl', results / 'logs' / f'{run.name}.jsonl')
+        figures = sorted(run.out.glob('vis-epoch*.png'))
+        shutil.copy(figures[-1], results / 'figures' / f'{run.name}-last-epoch.png')
+    return keep
+
+
+def plan(args, budget, results, work):
+    common = ['--data', args.data, '--img_size', str(args.img_size), '--batch_size', str(budget['batch_size']),
+              '--num_workers', str(budget['num_workers'])]
+    epochs = budget['pretrain_epochs']
+    pretrain = common + ['--model', args.model, '--patch_size', str(args.patch_size), '--epochs', str(epochs),
+                         '--warmup_epochs', str(budget['warmup_epochs']), '--vis_every', str(epochs),
+                         *budget['model_flags']] + (['--gpu_data'] if budget['gpu_data'] else [])
+    teachers = '+'.join(str(results / 'encoders' / f'{name}-encoder-fp16.pth') for name in TEACHER_ROWS)
+    finetune_flags = ['--mode', 'finetune', '--epochs', str(budget['finetune_epochs']), '--warmup_epochs',
+                      str(budget['finetune_warmup_epochs']), '--blr', '5e-4', '--layer_decay', '0.75',
+                      '--crop_pct', '1.0']
+    frozen_flags = ['--mode', 'frozen', '--crop_pct', '1.0'] + (['--epochs', '2'] if args.budget == 'smoke' else [])
+    scratch = ['--checkpoint', 'none', '--model', args.model, '--patch_size', str(args.patch_size)]
+
+    def frozen(row, source, seed):
+        return Run(f'{row}-frozen', finetune, common + source + frozen_flags + ['--seed', str(seed), '--output_dir',
+                                                                               str(work / f'{row}-frozen')],
+                   frozen_summary)
+
+    def pretraining(row, method, seed):
+        extra = ['--teacher', teachers] if method.startswith('mr') else []
+        after = [keep_log_and_figure(results)] + [keep_teacher_encoder(results)] * (row in TEACHER_ROWS)
+        after += [keep_stage1_encoder] * (method == 'dbot')
+        return Run(row, train, pretrain + ['--method', method, '--seed', str(seed), *extra, '--output_dir',
+                                           str(work / row)], pretrain_summary(epochs), after)
+
+    def encoder(row):
+        return scratch if row == 'random-init' else ['--checkpoint', str(work / row / 'checkpoint-last.pth')]
+
+    runs = [frozen('random-init', scratch, args.seed)]
+    for method in ('mae', 'dbot', 'mcmae', 'mrmae', 'mrmcmae'):
+        runs += [pretraining(method, method, args.seed), frozen(method, encoder(method), args.seed)]
+        if method == 'dbot':
+            runs.append(frozen('dbot-stage1', ['--checkpoint', str(work / 'dbot' / 'stage1-encoder.pth')], args.seed))
+    for row in budget['fine_tune']:  # fine-tuning a random encoder is training from scratch
+        runs.append(Run(f'{row}-finetune', finetune, common + encoder(row) + finetune_flags + [
+            '--seed', str(args.seed), '--output_dir', str(work / f'{row}-finetune')],
+            finetune_summary(budget['finetune_epochs'])))
+    # The noise: the cheapest rows again with the next seed (a random encoder; MAE's pre-training and its features)
+    other = args.seed + 1
+    runs += [frozen(f'random-init-seed{other}', scratch, other), pretraining(f'mae-seed{other}', 'mae', other),
+             frozen(f'mae-seed{other}', encoder(f'mae-seed{other}'), other)]
+    return runs
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The table and the figures, from the records
+
+def read_records(records):
+    return {path.stem: json.loads(path.read_text()) for path in sorted(records.glob('*.json'))}
+
+
+def pretraining_cells(row, records, budget):
+    """Epochs, minutes (the MR rows' teachers included) and img/s of the row's pre-training."""
+    if row == 'random-init':
+        return '0', '0', '-'
+    if row == 'dbot-stage1':
+        return f'{budget["pretrain_epochs"] // 2} (dBOT\'s first stage)', 'in dBOT\'s', '-'
+    record = records.get(row)
+    if record is None:
+        return 'pending', 'pending', 'pending'
+    teachers = sum(records[name]['seconds'] for name in TEACHER_ROWS) if row.startswith('mr') else 0.0
+    return str(record['epochs']), f'{(record["seconds"] + teachers) / 60:.0f}', f'{record["img_per_s"]:.0f}'
+
+
+def table(records, budget):
+    lines = ['| encoder | targets | pre-train epochs | pre-train min (teachers incl.) | pre-train img/s | k-NN top-1 | '
+             'linear top-1 | fine-tune top-1 | fine-tune min |', '|' + '---|' * 9]
+    for row, targets in TARGETS.items():
+        frozen, tuned = records.get(f'{row}-frozen'), records.get(f'{row}-finetune')
+        cells = [row, targets, *pretraining_cells(row, records, budget)]
+        cells += [f'{frozen[key]:.1f}' if frozen else 'pending' for key in ('knn_acc1', 'linear_acc1')]
+        if row not in budget['fine_tune']:
+            cells += ['-', '-']  # frozen evaluations only
+        else:
+            cells += [f'{tuned["top1"]:.1f}', f'{tuned["seconds"] / 60:.0f}'] if tuned else ['pending', 'pending']
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def noise_table(records, seed):
+    """The cheapest rows with two seeds: how far apart two rows must be before they differ."""
+    lines = [f'| encoder (frozen) | k-NN top-1, seed {seed} | seed {seed + 1} | linear top-1, seed {seed} | '
+             f'seed {seed + 1} |', '|---|---|---|---|---|']
+    for row in ('random-init', 'mae'):
+        pair = [records.get(f'{row}-frozen'), records.get(f'{row}-seed{seed + 1}-frozen')]
+        if all(pair):
+            lines.append(f'| {row} | ' + ' | '.join(f'{record[key]:.1f}' for key in ('knn_acc1', 'linear_acc1')
+                                                      for record in pair) + ' |')
+    return '\n'.join(lines) + '\n' if len(lines) > 2 else ''
+
+
+def top1_chart(records, path):
+    """Top-1 of every encoder by every evaluation, as grouped horizontal bars."""
+    rows = [row for row in TARGETS if f'{row}-frozen' in records]
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.55 * len(rows)))
+    for i, (label, kind, key) in enumerate((('k-NN', 'frozen', 'knn_acc1'), ('linear probe', 'frozen', 'linear_acc1'),
+                                            ('fine-tune', 'finetune', 'top1'))):
+        values = [records.get(f'{row}-{kind}', {}).get(key, 0.0) for row in rows]
+        bars = ax.barh([r + (i - 1) * 0.27 for r in range(len(rows))], values, height=0.27, label=label)
+        ax.bar_label(bars, fmt='%.1f', fontsize=7, padding=2)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.invert_yaxis()
+    ax.set_xlabel('top-1 accuracy on the validation images (%)')
+    ax.legend(loc='lower right', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def loss_chart(results, path):
+    """Pre-training loss per epoch, one panel per method (their losses have different units); MR-MAE's terms too."""
+    logs = {path.stem: [json.loads(line) for line in path.read_text().splitlines()]
+            for path in sorted((results / 'logs').glob('*.jsonl'))}
+    if not logs:
+        return
+    fig, axes = plt.subplots(1, len(logs), figsize=(3.2 * len(logs), 3), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], logs.items()):
+        epochs = [row['epoch'] for row in rows]
+        for key in ['loss'] + sorted(k for k in rows[0] if k.startswith('loss_')):
+            ax.plot(epochs, [row[key] for row in rows], marker='.', label=key)
+        for row, previous in zip(rows[1:], rows):
+            if row['stage'] != previous['stage']:
+                ax.axvline(row['epoch'] - 0.5, color='grey', linestyle=':', label='new stage')
+        ax.set_title(name)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel('training loss')
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(args, budget, results):
+    records = read_records(results / 'runs')
+    text = table(records, budget) + '\n' + noise_table(records, args.seed)
+    (results / 'results.md').write_text(text)
+    top1_chart(records, results / 'top1.png')
+    loss_chart(results, results / 'pretrain_loss.png')
+    print(text)
 
 
 def main(args):
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    small = args.smoke
-    common = ['--data', args.data, '--model', args.model, '--img_size', str(args.img_size), '--patch_size',
-              str(args.patch_size), '--batch_size', str(4 if small else args.batch_size), '--num_workers',
-              str(0 if small else args.num_workers), '--seed', str(args.seed)]
-    pre_epochs = 2 if small else args.pretrain_epochs  # 2: dBOT's two stages need one epoch each
-    pretrain = common + ['--epochs', str(pre_epochs), '--warmup_epochs', '1' if small else '10',
-                         '--vis_every', '1000'] + (['--decoder_dim', '32', '--decoder_depth', '1'] if small else [])
-    if args.gpu_data:
-        pretrain.append('--gpu_data')
-    seconds, log = {}, open(out / 'commands.txt', 'w')
-    teachers = f'{out / "mae" / "checkpoint-last.pth"}+{out / "dbot" / "checkpoint-last.pth"}'
-    for method in PRETRAIN:
-        extra = ['--teacher', teachers] if method.startswith('mr') else []
-        seconds[method] = run(train, pretrain + ['--method', method, '--output_dir', str(out / method), *extra], log)
-    seconds['scratch'] = 0.0
-
-    finetune_flags = ['--epochs', str(1 if small else args.finetune_epochs), '--warmup_epochs', '0' if small else '5',
-                      '--blr', '5e-4', '--layer_decay', '0.75', '--drop_path', '0.1', '--crop_pct', '1.0']
-    linprobe_flags = ['--epochs', str(1 if small else args.linprobe_epochs), '--warmup_epochs', '0' if small else '3',
-                      '--crop_pct', '1.0']
-    rows = []
-    for name in PRETRAIN + ['scratch']:
-        checkpoint = 'none' if name == 'scratch' else str(out / name / 'checkpoint-last.pth')
-        source = ['--checkpoint', checkpoint] + (['--method', 'mae'] if name == 'scratch' else [])
-        results = {}
-        for mode, flags in (('finetune', finetune_flags), ('linprobe', linprobe_flags), ('knn', ['--crop_pct', '1.0'])):
-            if name == 'scratch' and mode != 'finetune':
-                continue  # a random encoder's frozen features are not a claim of anybody's
-            eval_dir = out / f'{name}-{mode}'
-            run(finetune, common + source + ['--mode', mode, '--output_dir', str(eval_dir), *flags], log)
-            results[mode] = last_row(eval_dir / 'log.jsonl')['val_acc1'] if mode == 'knn' else max(
-                json.loads(line)['val_acc1'] for line in (eval_dir / 'log.jsonl').read_text().splitlines())
-        teacher_cost = seconds['mae'] + seconds['dbot'] if name.startswith('mr') else 0.0
-        rows.append(dict(method=name, teacher=TEACHERS[name], pretrain_epochs=0 if name == 'scratch' else pre_epochs,
-                         pretrain_minutes=(seconds[name] + teacher_cost) / 60, **results))
-    log.close()
-
-    lines = ['| method | teacher | pre-train epochs | pre-train wall-clock (min, teachers included) | '
-             'fine-tune top-1 | linear probe top-1 | k-NN top-1 |', '|---|---|---|---|---|---|---|']
-    for r in rows:
-        frozen = ' | '.join(f'{r[mode]:.1f}' if mode in r else '-' for mode in ('linprobe', 'knn'))
-        lines.append(f'| {r["method"]} | {r["teacher"]} | {r["pretrain_epochs"]} | {r["pretrain_minutes"]:.1f} | '
-                     f'{r["finetune"]:.1f} | {frozen} |')
-    table = '\n'.join(lines) + '\n'
-    (out / 'results.md').write_text(table)
-    bar_chart({r['method']: r['finetune'] for r in rows}, out / 'finetune_top1.png', 'fine-tune top-1 (%)')
-    curves = {m: [json.loads(line)['loss'] for line in (out / m / 'log.jsonl').read_text().splitlines()]
-              for m in PRETRAIN}
-    line_chart(curves, out / 'pretrain_loss.png', 'pre-training loss')
-    print(table)
+    budget = BUDGETS[args.budget]
+    results, work = Path(args.output_dir), Path(args.work_dir or f'output/reproduce-{args.budget}')
+    for folder in ('runs', 'logs', 'figures', 'encoders'):
+        (results / folder).mkdir(parents=True, exist_ok=True)
+    runs = plan(args, budget, results, work)
+    (results / 'commands.txt').write_text(''.join(run.command() + '\n' for run in runs))
+    for run in runs:
+        if not execute(run, results / 'runs'):
+            print(f'stopped in {run.name}; the same command continues it')
+            break
+    write_report(args, budget, results)
 
 
 if __name__ == '__main__':

@@ -1,26 +1,61 @@
-"""reproduce.py runs the whole protocol end to end at a minuscule scale and writes the table and both figures."""
+"""reproduce.py runs the whole protocol end to end at a minuscule scale: the table, the records, the figures, the
+commands; a second sitting skips finished runs and a stopped one continues where it stopped."""
 
+import contextlib
 import json
 
+import torch
+
 import reproduce
+import train
 
 
-def test_smoke_protocol_writes_table_figures_and_commands(image_folder, tmp_path):
-    reproduce.main(reproduce.get_args_parser().parse_args(
-        ['--data', str(image_folder), '--output_dir', str(tmp_path), '--smoke', '--img_size', '32']))
-    table = (tmp_path / 'results.md').read_text().splitlines()[2:]
-    assert [row.split(' | ')[0].strip('| ') for row in table] == reproduce.PRETRAIN + ['scratch']
-    rows = {row.split(' | ')[0].strip('| '): row.split(' | ') for row in table}
+def protocol(data, tmp_path):
+    return reproduce.get_args_parser().parse_args(
+        ['--data', str(data), '--output_dir', str(tmp_path / 'results'), '--work_dir', str(tmp_path / 'work'),
+         '--budget', 'smoke', '--img_size', '32'])
+
+
+def test_smoke_protocol_writes_table_records_figures_and_commands(image_folder, tmp_path, monkeypatch):
+    # A signal during dBOT's pre-training stops the sitting after dBOT has checkpointed: no record for it yet.
+    real_main = train.main
+
+    def main_signalled_in_dbot(args):
+        if args.method == 'dbot' and not (tmp_path / 'work' / 'dbot' / 'checkpoint-last.pth').exists():
+            train.request_stop(None, None)  # arrives before the first step's end: the run stops after it
+        return real_main(args)
+
+    monkeypatch.setattr(train, 'main', main_signalled_in_dbot)
+    monkeypatch.setattr(train, 'stop_on_signals', contextlib.nullcontext)
+    reproduce.main(protocol(image_folder, tmp_path))
+    results = tmp_path / 'results'
+    finished = {path.stem for path in (results / 'runs').glob('*.json')}
+    assert finished == {'random-init-frozen', 'mae', 'mae-frozen'}
+    train.stop_requested = False
+    monkeypatch.setattr(train, 'main', real_main)
+    reproduce.main(protocol(image_folder, tmp_path))
+
+    table = (results / 'results.md').read_text().split('\n\n')[0].splitlines()[2:]
+    rows = {line.split(' | ')[0].strip('| '): line.split(' | ') for line in table}
+    assert list(rows) == list(reproduce.TARGETS)
+    assert all('pending' not in line for line in table)
     assert float(rows['mrmae'][3]) >= float(rows['mae'][3])  # MR-MAE's compute includes its teachers' pre-training
-    assert rows['scratch'][5:] == ['-', '- |']  # no frozen-feature evaluation of a random encoder
-    commands = (tmp_path / 'commands.txt').read_text().splitlines()
-    assert len(commands) == 5 + 5 * 3 + 1 and commands[0].startswith('python train.py')
-    assert any('--teacher' in c and 'mae/checkpoint-last.pth+' in c for c in commands if '--method mrmae' in c)
-    assert (tmp_path / 'finetune_top1.png').stat().st_size > 0 and (tmp_path / 'pretrain_loss.png').stat().st_size > 0
-    # a second sitting finds every run finished: the wall-clock of each stays the first sitting's
-    first = {name: json.loads((tmp_path / name / 'wall_clock.json').read_text())['seconds'] for name in reproduce.PRETRAIN}
-    assert all(seconds > 0 for seconds in first.values())
-    reproduce.main(reproduce.get_args_parser().parse_args(
-        ['--data', str(image_folder), '--output_dir', str(tmp_path), '--smoke', '--img_size', '32']))
-    assert first == {name: json.loads((tmp_path / name / 'wall_clock.json').read_text())['seconds']
-                     for name in reproduce.PRETRAIN}
+    assert rows['dbot-stage1'][7:] == ['-', '- |'] and rows['mcmae'][7:] == ['-', '- |']  # not fine-tuned at this budget
+    record = json.loads((results / 'runs' / 'mae-frozen.json').read_text())
+    assert record['k'] == 16 and 0 <= record['linear_acc1'] <= 100 and record['command'].startswith('python finetune.py')
+    assert {'seconds', 'omp_num_threads', 'machine'} <= set(record)
+    dbot = json.loads((results / 'runs' / 'dbot.json').read_text())
+    assert [json.loads(line)['stage'] for line in (results / 'logs' / 'dbot.jsonl').read_text().splitlines()] == [0, 1]
+    assert dbot['seconds'] > 0 and dbot['epochs'] == 2
+    commands = (results / 'commands.txt').read_text().splitlines()
+    assert len(commands) == 1 + 2 * 5 + 1 + 2 + 3 and commands[1].startswith('python train.py')
+    assert any('--teacher' in c and 'mae-encoder-fp16.pth+' in c for c in commands if '--method mrmae' in c)
+    encoder = torch.load(results / 'encoders' / 'mae-encoder-fp16.pth')
+    assert all(v.dtype == torch.float16 for v in encoder.values()) and 'decoder_embed.weight' not in encoder
+    for figure in ['top1.png', 'pretrain_loss.png', 'figures/mrmcmae-last-epoch.png']:
+        assert (results / figure).stat().st_size > 0
+    # a third sitting finds every run finished: nothing runs again
+    before = {path.name: path.read_text() for path in (results / 'runs').glob('*.json')}
+    monkeypatch.setattr(train, 'main', lambda args: (_ for _ in ()).throw(AssertionError('ran again')))
+    reproduce.main(protocol(image_folder, tmp_path))
+    assert before == {path.name: path.read_text() for path in (results / 'runs').glob('*.json')}

@@ -50,6 +50,7 @@ BUDGETS = {
                   model_flags=['--decoder_dim', '32', '--decoder_depth', '1']),
 }
 TEACHER_ROWS = ('mae', 'dbot')  # MR-MAE and MR-MCMAE mimic these encoders
+TEACHER_ROWS_AND_BASELINE = ('random-init',) + TEACHER_ROWS  # fine-tuned first, at every budget
 # The table's rows and what each encoder learned to predict
 TARGETS = {'random-init': '- (no pre-training)', 'mae': 'pixels', 'dbot-stage1': 'a random teacher\'s features',
            'dbot': 'bootstrapped features (2 stages)', 'mcmae': 'pixels', 'mrmae': 'pixels + MAE and dBOT features',
@@ -209,15 +210,20 @@ def plan(args, budget, results, work):
     def encoder(row):
         return scratch if row == 'random-init' else ['--checkpoint', str(work / row / 'checkpoint-last.pth')]
 
+    def fine_tuning(row):  # fine-tuning a random encoder is training from scratch
+        return Run(f'{row}-finetune', finetune, common + encoder(row) + finetune_flags + [
+            '--seed', str(args.seed), '--output_dir', str(work / f'{row}-finetune')],
+            finetune_summary(budget['finetune_epochs']))
+
+    # MAE and dBOT first: the MR rows mimic them; then the fine-tuning the budget affords and the rest.
     runs = [frozen('random-init', scratch, args.seed)]
     for method in ('mae', 'dbot', 'mcmae', 'mrmae', 'mrmcmae'):
         runs += [pretraining(method, method, args.seed), frozen(method, encoder(method), args.seed)]
         if method == 'dbot':
             runs.append(frozen('dbot-stage1', ['--checkpoint', str(work / 'dbot' / 'stage1-encoder.pth')], args.seed))
-    for row in budget['fine_tune']:  # fine-tuning a random encoder is training from scratch
-        runs.append(Run(f'{row}-finetune', finetune, common + encoder(row) + finetune_flags + [
-            '--seed', str(args.seed), '--output_dir', str(work / f'{row}-finetune')],
-            finetune_summary(budget['finetune_epochs'])))
+            runs += [fine_tuning(row) for row in TEACHER_ROWS_AND_BASELINE if row in budget['fine_tune']]
+        elif method in budget['fine_tune'] and method not in TEACHER_ROWS_AND_BASELINE:
+            runs.append(fine_tuning(method))
     # The noise: the cheapest rows again with the next seed (a random encoder; MAE's pre-training and its features)
     other = args.seed + 1
     runs += [frozen(f'random-init-seed{other}', scratch, other), pretraining(f'mae-seed{other}', 'mae', other),

@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ def get_args_parser():
     parser.add_argument('--output_dir', default=None, help='default: ./output/MODE, one folder per mode')
     parser.add_argument('--resume', default='')
     parser.add_argument('--export_timm', default=None, help='write the encoder (with its head after fine-tuning) as '
-                        'a timm VisionTransformer state dict')
+                        'a timm VisionTransformer state dict: PATH.safetensors (as the hub), or a .pth pickle')
     return parser
 
 
@@ -262,9 +263,15 @@ def param_groups_layer_decay(model, weight_decay, layer_decay):
 
 def export_timm(model, encoder, path):
     """timm's VisionTransformer names: fine-tuned, the global_pool='avg' layout (fc_norm + head); else the encoder
-    (a ViT: evaluate_encoder refuses other encoders before any work)."""
+    (a ViT: evaluate_encoder refuses other encoders before any work). A path ending in .safetensors gets that format
+    (timm and the Hugging Face hub load it natively, and it holds no pickle); any other, torch.save's."""
     state = {k.removeprefix('encoder.'): v for k, v in model.state_dict().items()} if model else encoder.state_dict()
-    train.save_checkpoint(state, Path(path))
+    path = Path(path)
+    if path.suffix == '.safetensors':
+        state = {k: v.detach().contiguous() for k, v in state.items()}
+        train.save_checkpoint(state, path, write=lambda tensors, f: f.write(safetensors.torch.save(tensors)))
+    else:
+        train.save_checkpoint(state, path)
     print(f'wrote the {"fine-tuned classifier" if model else "encoder"} in timm\'s VisionTransformer layout to {path}')
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 from PIL import Image
@@ -13,7 +14,7 @@ from PIL import Image
 import finetune
 import teachers
 import train
-from mae import resize_pos_embed
+from mae import encoder_state_dict, resize_pos_embed
 from mcmae import ConvViT
 
 DOCUMENTED_EXTRAS = ('decoder_', 'mask_token', 'mimic_heads.', 'fusion_logits', 'fuse1.', 'fuse2.')
@@ -52,7 +53,8 @@ def test_every_methods_encoder_loads_with_only_documented_keys_left_over(method,
         assert torch.equal(value, model.state_dict()[key]), key
 
 
-def test_finetuned_export_gives_the_same_logits_in_timm(tmp_path):
+@pytest.mark.parametrize('name', ['timm.safetensors', 'timm.pth'])
+def test_finetuned_export_gives_the_same_logits_in_timm(tmp_path, name):
     torch.manual_seed(0)
     encoder = finetune.load_encoder(ft_args('none', 'unused', tmp_path, '--model', 'vit_tiny', '--patch_size', '8',
                                             '--img_size', '32'))
@@ -60,10 +62,13 @@ def test_finetuned_export_gives_the_same_logits_in_timm(tmp_path):
     with torch.no_grad():
         model.head.weight.normal_()  # a head that says something
         model.fc_norm.weight.normal_(1.0, 0.1)
-    finetune.export_timm(model, encoder, tmp_path / 'timm.pth')
+    finetune.export_timm(model, encoder, tmp_path / name)
+    if name.endswith('.safetensors'):  # the format itself, not a pickle under another name
+        assert set(safetensors.torch.load_file(tmp_path / name)) == {k.removeprefix('encoder.') for k in
+                                                                     model.state_dict()}
     reference = timm.create_model('vit_tiny_patch16_224', pretrained=True, num_classes=5, global_pool='avg',
                                   img_size=32, patch_size=8,
-                                  pretrained_cfg_overlay=dict(file=str(tmp_path / 'timm.pth'), num_classes=5)).eval()
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / name), num_classes=5)).eval()
     imgs = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reference(imgs), model(imgs), rtol=1e-5, atol=1e-5)
@@ -254,3 +259,15 @@ def test_linear_probe_on_features_learns_a_linear_rule():
     assert finetune.linear_on_features(x[:400], y[:400], x[400:], y[400:], 2, args)['val_acc1'] >= 95
     shuffled = y[torch.randperm(600, generator=generator)]
     assert finetune.linear_on_features(x[:400], shuffled[:400], x[400:], shuffled[400:], 2, args)['val_acc1'] < 75
+
+
+def test_safetensors_export_reads_back_as_a_checkpoint_and_a_teacher(pretrained, image_folder, tmp_path):
+    exported = tmp_path / 'encoder.safetensors'
+    finetune.main(ft_args(pretrained, image_folder, tmp_path / 'knn', '--mode', 'knn', '--knn_k', '3',
+                          '--export_timm', str(exported)))
+    finetune.main(ft_args(exported, image_folder, tmp_path / 'knn_again', '--mode', 'knn', '--knn_k', '3'))
+    first, again = (json.loads((tmp_path / name / 'log.jsonl').read_text()) for name in ('knn', 'knn_again'))
+    assert (first['val_acc1'], first['val_acc5']) == (again['val_acc1'], again['val_acc5'])
+    teacher, source = teachers.load_own(str(exported), (4, 4))
+    trained = encoder_state_dict(torch.load(pretrained, weights_only=False)['model'])
+    assert torch.equal(teacher.backbone.blocks[0].attn.qkv.weight, trained['blocks.0.attn.qkv.weight'])

@@ -530,13 +530,14 @@ def forward_backward(model, teacher, imgs, mask_ratio, autocast, loss_scale=1.0)
 # -----------------------------------------------------------------------------------------------------------------
 # Checkpoints, logs, figures
 
-def save_checkpoint(state, path):
+def save_checkpoint(state, path, write=torch.save):
     """Write to a temp file, fsync, then rename: a kill during the save leaves the previous file intact. A failed
-    write (a full disk) removes the temp file and ends the run in one line; the previous file still stands."""
+    write (a full disk) removes the temp file and ends the run in one line; the previous file still stands.
+    write(state, file) serialises (torch.save's pickle unless told otherwise)."""
     tmp = path.with_name(path.name + '.tmp')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(state, f)
+            write(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -550,8 +551,7 @@ def save_checkpoint(state, path):
 
 def load_checkpoint(path, required_keys=()):
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = mae.load_weights_file(path)
     except Exception as e:  # truncated, foreign or missing: one line, whatever torch raised
         fail(f'cannot read checkpoint {path}: {" ".join(str(e).split())[:300]}')
     missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]

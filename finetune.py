@@ -349,8 +349,8 @@ def linear_on_features(train_x, train_y, val_x, val_y, num_classes, args):
         optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         top5 = head(val_x).topk(min(5, num_classes), dim=1).indices
-    return dict(val_acc1=100 * (top5[:, 0] == val_y).float().mean().item(),
-                val_acc5=100 * (top5 == val_y[:, None]).any(dim=1).float().mean().item())
+    return dict(val_acc1=100 * (top5[:, 0] == val_y).sum().item() / len(val_y),
+                val_acc5=100 * (top5 == val_y[:, None]).any(dim=1).sum().item() / len(val_y))
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -297,9 +297,11 @@ def top1_chart(records, path):
 
 
 def loss_chart(results, path):
-    """Pre-training loss per epoch, one panel per method (their losses have different units); MR-MAE's terms too."""
-    logs = {path.stem: [json.loads(line) for line in path.read_text().splitlines()]
-            for path in sorted((results / 'logs').glob('*.jsonl'))}
+    """Pre-training loss per epoch (each point an epoch's mean), one panel per method (their losses have different
+    units); MR-MAE's terms too, and dBOT's stage boundaries."""
+    order = {name: i for i, name in enumerate(TARGETS)}  # the table's order; other seeds after
+    paths = sorted((results / 'logs').glob('*.jsonl'), key=lambda path: (order.get(path.stem, len(order)), path.stem))
+    logs = {path.stem: [json.loads(line) for line in path.read_text().splitlines()] for path in paths}
     if not logs:
         return
     fig, axes = plt.subplots(1, len(logs), figsize=(3.2 * len(logs), 3), squeeze=False)

@@ -51,7 +51,7 @@ def get_args_parser():
     parser.add_argument('--mode', default='finetune', choices=sorted(MODE_DEFAULTS))
     parser.add_argument('--data', required=True, help='as train.py: cifar10, cifar100, or an ImageFolder with val/')
     parser.add_argument('--data_dir', default='./data')
-    parser.add_argument('--num_workers', default=min(8, os.cpu_count()), type=int)
+    parser.add_argument('--num_workers', default=train.default_workers(), type=int, help='as train.py')
     # architecture: from the checkpoint; these only for --checkpoint none (or to change the resolution)
     parser.add_argument('--method', default='mae', choices=sorted(train.METHODS),
                         help='--checkpoint none: whose encoder to build (mcmae/mrmcmae: the hybrid)')

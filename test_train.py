@@ -4,6 +4,9 @@ import json
 
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader
+from torchvision import transforms
 
 import train
 
@@ -97,3 +100,47 @@ def test_device_augmentation_is_a_crop_and_flip_of_the_image():
 def test_gpu_data_path_trains_on_any_device(image_folder, tmp_path):
     rows = run(image_folder, tmp_path, '--gpu_data')
     assert [row['epoch'] for row in rows] == [0, 1] and all(row['loss'] > 0 for row in rows)
+
+
+def test_workers_ship_uint8_and_the_device_normalises_as_the_float_pipeline(image_folder):
+    """Per image the same draws and the same values as torchvision's float pipeline (ToTensor, Normalize in the
+    worker), seeded by (seed, epoch, index)."""
+    args = train.get_args_parser().parse_args(['--data', str(image_folder)])
+    dataset = train.build_dataset(args, 'train', train.pretrain_transform(32))
+    sampler = train.ResumableSampler(dataset, num_replicas=1, rank=0, seed=0)
+    sampler.set_epoch(3)
+    loader = DataLoader(dataset, batch_size=4, sampler=train.ImageSeeds(sampler, 7))
+    assert next(iter(loader))[0].dtype == torch.uint8
+    imgs, labels = next(iter(train.NormalizedOnDevice(loader, torch.device('cpu'))))
+    float_pipeline = transforms.Compose([
+        transforms.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    expected = []
+    for index in list(sampler)[:4]:
+        train.seed_everything(7, 3, index)
+        expected.append(float_pipeline(train.load_rgb(dataset.samples[index][0])))
+    assert torch.equal(imgs, torch.stack(expected))
+    assert labels.tolist() == [dataset.samples[i][1] for i in list(sampler)[:4]]
+
+
+def test_persistent_workers_give_the_same_losses_as_none_and_resume_exactly(image_folder, tmp_path, monkeypatch):
+    """Loader workers live across epochs; each image's draws come from (seed, epoch, index), so 2 workers give the
+    losses of 0 workers, and a run stopped mid-epoch 1 continues exactly."""
+    expected = [row['loss'] for row in run(image_folder, tmp_path / 'in_process')]
+    assert [row['loss'] for row in run(image_folder, tmp_path / 'workers', '--num_workers', '2')] == expected
+    calls, real = [0], train.forward_backward
+
+    def stop_in_epoch_1(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 7:  # call 1 counts FLOPs; 4 steps per epoch: epoch 1, step 2
+            train.request_stop(None, None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, 'forward_backward', stop_in_epoch_1)
+    run_stopped = tmp_path / 'stopped'
+    assert len(run(image_folder, run_stopped, '--num_workers', '2')) == 1  # stopped in epoch 1, position saved
+    assert torch.load(run_stopped / 'checkpoint-last.pth', weights_only=True)['step'] == 2
+    monkeypatch.undo()
+    train.stop_requested = False
+    assert [row['loss'] for row in run(image_folder, run_stopped, '--num_workers', '2')] == expected

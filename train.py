@@ -46,6 +46,12 @@ METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'mcmae': mcmae.MCMAE, 'mrmcmae'
            'dbot': dbot.DBOT}
 
 
+def default_workers():
+    """Loader workers per process: this machine's cores shared among the processes torchrun starts on it, at most 8
+    (beyond that the model, not decoding, is usually the limit), at least 1."""
+    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser('Masked image pre-training', add_help=True)
     parser.add_argument('--method', default='mae', choices=sorted(METHODS))
@@ -54,7 +60,8 @@ def get_args_parser():
                         help='cifar10, cifar100, or a folder: an ImageFolder root with train/ (and val/), '
                              'or a folder of class sub-folders')
     parser.add_argument('--data_dir', default='./data', help='where cifar10/cifar100 are downloaded to')
-    parser.add_argument('--num_workers', default=min(8, os.cpu_count()), type=int)
+    parser.add_argument('--num_workers', default=default_workers(), type=int,
+                        help='loader processes per training process (default: its share of the cores, at most 8)')
     parser.add_argument('--gpu_data', action='store_true',
                         help='decode a small data set (CIFAR, Tiny-ImageNet) once, keep it on the device as uint8 and '
                              'augment it there')
@@ -222,6 +229,20 @@ def seed_everything(*keys):
     random.seed(seed)
 
 
+@contextmanager
+def seeded(*keys):
+    """Draws inside come from the streams seed_everything(*keys) starts; the states outside are left as they were (a
+    loader without worker processes augments in the main process, whose streams draw the masks)."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        seed_everything(*keys)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 stop_requested = False
 
 
@@ -343,12 +364,33 @@ PRETRAIN_IDENTITY = ('method', 'model', 'img_size', 'patch_size', 'data')
 # Data
 
 def pretrain_transform(img_size):
-    """MAE §A.1: RandomResizedCrop (scale 0.2-1, bicubic) and horizontal flip are the only augmentations."""
+    """MAE §A.1: RandomResizedCrop (scale 0.2-1, bicubic) and horizontal flip are the only augmentations. Loader
+    workers stop at uint8 tensors (a quarter of float32's bytes to ship and pin); normalize_on_device finishes."""
     return transforms.Compose([
         transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+        transforms.PILToTensor()])
+
+
+class NormalizedOnDevice:
+    """A loader of uint8 batches -> float batches on the device, normalised there: ToTensor's /255 and Normalize's
+    (x - mean) / std, the same operations in the same order, so the values are those of the float pipeline."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)  # now, not at the first batch: the caller decides what RNG state it sees
+        return (self.normalize(imgs, labels) for imgs, labels in batches)
+
+    def normalize(self, imgs, labels):
+        imgs = imgs.to(self.device, non_blocking=True).float().div_(255)
+        return imgs.sub_(self.mean).div_(self.std), labels.to(self.device, non_blocking=True)
 
 
 def eval_transform(img_size):
@@ -376,7 +418,13 @@ class ImageFolderSkippingBroken(datasets.ImageFolder):
         super().__init__(root, transform=transform, loader=load_rgb)
         self.skipped = torch.zeros(1024, dtype=torch.int64).share_memory_()
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """key: an index, or (index, seeds) from ImageSeeds: the image's augmentation then draws from its own seeds."""
+        index, seeds = key if isinstance(key, tuple) else (key, None)
+        with seeded(*seeds) if seeds is not None else nullcontext():
+            return self.first_readable(index)
+
+    def first_readable(self, index):
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             try:
@@ -399,6 +447,21 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.start, None)
+
+
+class ImageSeeds:
+    """A sampler's indices, each with the seeds of that image's augmentation in this epoch, (--seed, epoch, index):
+    the draws depend on no worker, worker count or starting point, so loader workers can live across epochs
+    (persistent_workers) and a resumed run still augments every image as an uninterrupted one."""
+
+    def __init__(self, sampler, seed):
+        self.sampler, self.seed = sampler, seed
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return ((index, (self.seed, self.sampler.epoch, index)) for index in self.sampler)
 
 
 def random_resized_crop_flip(images, size, mean, std, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -530,14 +593,14 @@ def forward_backward(model, teacher, imgs, mask_ratio, autocast, loss_scale=1.0)
 # -----------------------------------------------------------------------------------------------------------------
 # Checkpoints, logs, figures
 
-def save_checkpoint(state, path, write=torch.save):
+def save_checkpoint(state, path, write=None):
     """Write to a temp file, fsync, then rename: a kill during the save leaves the previous file intact. A failed
     write (a full disk) removes the temp file and ends the run in one line; the previous file still stands.
     write(state, file) serialises (torch.save's pickle unless told otherwise)."""
     tmp = path.with_name(path.name + '.tmp')
     try:
         with open(tmp, 'wb') as f:
-            write(state, f)
+            (write or torch.save)(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -776,9 +839,11 @@ def build_loader(run):
         run.dataset.transform = transforms.PILToTensor()  # decoded once, augmented on the device
         run.loader = DeviceImages(run.dataset, run.sampler, args.batch_size, args.img_size, run.device,
                                   args.num_workers)
-    else:
-        run.loader = DataLoader(run.dataset, batch_size=args.batch_size, sampler=run.sampler,
-                                num_workers=args.num_workers, pin_memory=run.device.type == 'cuda', drop_last=True)
+    else:  # workers started once, kept across epochs; uint8 batches, pinned on GPUs, normalised on the device
+        run.loader = NormalizedOnDevice(DataLoader(
+            run.dataset, batch_size=args.batch_size, sampler=ImageSeeds(run.sampler, args.seed),
+            num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+            pin_memory=run.device.type == 'cuda', drop_last=True), run.device)
     run.steps_per_epoch = len(run.loader) // args.accum_iter
     if run.steps_per_epoch == 0:
         fail(f'{len(run.dataset)} images are too few for {run.world_size} process(es) x --batch_size '
@@ -934,7 +999,8 @@ def train_one_epoch(run, epoch):
     run.model.train()
     nonfinite_step, skipped_steps = torch.full((), -1, device=device), 0
     last_log_step, last_log_time, epoch_start = first_step, time.perf_counter(), time.perf_counter()
-    batches = iter(run.loader)  # draws the loader's base seed from the RNG: restore the state after it
+    with torch.random.fork_rng(devices=[]):  # a DataLoader draws its workers' base seed on its first iter() only
+        batches = iter(run.loader)
     if resuming_mid_epoch:
         restore_rng_states(position['rng_state'], device)
     stop_vote = StopVote(first_step, run.world_size)

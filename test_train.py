@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import train
+from conftest import make_image_folder
 
 
 def run(image_folder, output_dir, *extra):
@@ -144,3 +146,52 @@ def test_persistent_workers_give_the_same_losses_as_none_and_resume_exactly(imag
     monkeypatch.undo()
     train.stop_requested = False
     assert [row['loss'] for row in run(image_folder, run_stopped, '--num_workers', '2')] == expected
+
+
+def mixed_folder(root):
+    """JPEGs in colour and grey, a PNG, a CMYK JPEG, and a corrupt file: what the device decoder meets in practice."""
+    make_image_folder(root, per_class=8, size=48)
+    folder = root / 'train' / 'class_0'
+    Image.new('RGB', (40, 56), (200, 30, 90)).save(folder / 'png.png')
+    Image.new('CMYK', (50, 40), (10, 200, 30, 0)).save(folder / 'cmyk.jpg')
+    (folder / 'corrupt.jpg').write_bytes(b'not an image')
+    return root
+
+
+def test_device_decoding_draws_the_worker_pipelines_boxes(tmp_path):
+    """Per image the same crop box and flip as pretrain_transform (same seeds); only the resize differs (tensor vs
+    PIL bicubic), by a few levels of 255 at most."""
+    data = mixed_folder(tmp_path / 'data')
+    args = train.get_args_parser().parse_args(['--data', str(data), '--decode_on_device', '--img_size', '32'])
+    workers = train.build_dataset(args, 'train', train.pretrain_transform(32))
+    files = train.build_dataset(args, 'train', None, train.ImageFileBytes)
+    device_side = train.DecodedOnDevice(None, files, 32, torch.device('cpu'))
+    for index, (path, _) in enumerate(files.samples):
+        if path.endswith('corrupt.jpg'):
+            continue
+        seeds = (0, 5, index)
+        expected = workers[index, seeds][0].float()
+        data_bytes = files[index, seeds][0]
+        got = device_side.augment(device_side.decode_one(data_bytes, index), seeds).float()
+        assert (got - expected).abs().mean() < 3, path
+
+
+def test_device_decoding_trains_skips_and_counts_bad_files_and_resumes_exactly(tmp_path, monkeypatch):
+    data = mixed_folder(tmp_path / 'data')
+    rows = run(data, tmp_path / 'straight', '--decode_on_device')
+    assert [row['skipped_images'] for row in rows] == [1, 1]  # the corrupt file, in each epoch
+    expected = [row['loss'] for row in rows]
+    assert [row['loss'] for row in run(data, tmp_path / 'workers', '--decode_on_device', '--num_workers', '2')] \
+        == expected
+    calls, real = [0], train.forward_backward
+
+    def stop_in_epoch_1(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 8:  # call 1 counts FLOPs; 5 steps per epoch: epoch 1, step 2
+            train.request_stop(None, None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, 'forward_backward', stop_in_epoch_1)
+    assert len(run(data, tmp_path / 'stopped', '--decode_on_device')) == 1
+    monkeypatch.undo()
+    assert [row['loss'] for row in run(data, tmp_path / 'stopped', '--decode_on_device')] == expected

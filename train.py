@@ -11,7 +11,9 @@ A method plugs in through the small interface documented at the top of mae.py.
 """
 
 import argparse
+import bisect
 import fcntl
+import io
 import itertools
 import json
 import math
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -65,6 +68,9 @@ def get_args_parser():
     parser.add_argument('--gpu_data', action='store_true',
                         help='decode a small data set (CIFAR, Tiny-ImageNet) once, keep it on the device as uint8 and '
                              'augment it there')
+    parser.add_argument('--decode_on_device', action='store_true',
+                        help='an image folder of any size (ImageNet): workers only read file bytes; JPEGs are decoded '
+                             'in batches on the device (nvJPEG on GPUs), then cropped, flipped and normalised there')
     # model
     parser.add_argument('--model', default='vit_tiny', choices=sorted(mae.VIT_SIZES))
     parser.add_argument('--img_size', default=32, type=int)
@@ -449,6 +455,77 @@ class ResumableSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), self.start, None)
 
 
+class ImageFileBytes(ImageFolderSkippingBroken):
+    """--decode_on_device: a worker reads each file's bytes and nothing else (no decoding, no augmentation)."""
+
+    def __getitem__(self, key):  # key: (index, seeds) from ImageSeeds
+        index, seeds = key
+        path, label = self.samples[index]
+        return torch.from_numpy(np.fromfile(path, dtype=np.uint8)), label, index, seeds
+
+
+def as_lists(batch):
+    """collate_fn for ImageFileBytes: files differ in length, so the batch stays a list of byte tensors."""
+    data, labels, indices, seeds = zip(*batch)
+    return list(data), torch.tensor(labels), indices, seeds
+
+
+class DecodedOnDevice:
+    """--decode_on_device: batches of file bytes -> augmented, normalised images on the device, in the sampler's
+    order. JPEGs are decoded as one batch (torchvision.io.decode_jpeg; nvJPEG on GPUs); a file that decoder cannot
+    take (PNG, CMYK or 16-bit images, a corrupt file) is decoded alone on the CPU (PIL), and one that nothing can
+    read is replaced by the batch's next image and counted, as the worker pipeline does. Each image is then cropped,
+    resized and flipped with the worker pipeline's RandomResizedCrop and flip draws (the same seeds: the same boxes;
+    torchvision's tensor resize instead of PIL's, antialiased) and normalised as NormalizedOnDevice does."""
+
+    def __init__(self, loader, dataset, img_size, device):
+        self.loader, self.dataset, self.img_size, self.device = loader, dataset, img_size, device
+        self.normalized = NormalizedOnDevice(loader, device)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)  # now: the caller decides what RNG state it sees
+        return (self.batch(*batch) for batch in batches)
+
+    def batch(self, data, labels, indices, seeds):
+        images = self.decode(data, indices)
+        readable = [i for i, image in enumerate(images) if image is not None]
+        if not readable:
+            raise NoReadableImage(f'no readable image among {[self.dataset.samples[i][0] for i in indices]}')
+        stand_in = {i: readable[bisect.bisect_left(readable, i) % len(readable)] for i in range(len(images))}
+        crops = torch.stack([self.augment(images[stand_in[i]], seeds[stand_in[i]]) for i in range(len(images))])
+        return self.normalized.normalize(crops, labels[[stand_in[i] for i in range(len(images))]])
+
+    def decode(self, data, indices):
+        try:
+            return list(torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one file the batched decoder cannot take: each alone
+            return [self.decode_one(bytes_, index) for bytes_, index in zip(data, indices)]
+
+    def decode_one(self, data, index):
+        try:
+            return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            pass
+        try:
+            image = load_rgb(io.BytesIO(data.numpy().tobytes()))
+            return transforms.functional.pil_to_tensor(image).to(self.device, non_blocking=True)
+        except OSError as e:  # PIL's unidentified and truncated images
+            self.dataset.skipped[0] += 1
+            print(f'\nwarning: skipping unreadable image {self.dataset.samples[index][0]} ({e})', file=sys.stderr)
+            return None
+
+    def augment(self, image, seeds):
+        with seeded(*seeds):  # the draws of pretrain_transform for this image
+            top, left, height, width = transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
+            flip = torch.rand(1) < 0.5
+        crop = transforms.functional.resized_crop(image, top, left, height, width, [self.img_size] * 2,
+                                                  transforms.InterpolationMode.BICUBIC, antialias=True)
+        return crop.flip(-1) if flip else crop
+
+
 class ImageSeeds:
     """A sampler's indices, each with the seeds of that image's augmentation in this epoch, (--seed, epoch, index):
     the draws depend on no worker, worker count or starting point, so loader workers can live across epochs
@@ -515,7 +592,7 @@ class DeviceImages:
         return random_resized_crop_flip(self.images[ids], self.img_size, self.mean, self.std), self.labels[ids]
 
 
-def build_dataset(args, split, transform):
+def build_dataset(args, split, transform, folder_class=None):
     """The `split` ('train' or 'val') of --data, or None when a folder has no such split. Images load as RGB
     (torchvision's default loader converts greyscale JPEGs)."""
     if args.data in ('cifar10', 'cifar100'):
@@ -538,7 +615,7 @@ def build_dataset(args, split, transform):
                  f'evaluation meaningless; add train/')
         folder = root  # a plain folder of class sub-folders
     try:
-        return ImageFolderSkippingBroken(folder, transform=transform)
+        return (folder_class or ImageFolderSkippingBroken)(folder, transform=transform)
     except (FileNotFoundError, OSError) as e:
         fail(f'--data {root}: no images found in {folder} ({e})')
 
@@ -763,6 +840,11 @@ def validate_args(args):
              f'(its sin-cos position code)')
     if not 0 < args.mask_ratio < 1:
         fail(f'--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1')
+    if args.decode_on_device and args.gpu_data:
+        fail('--decode_on_device and --gpu_data: choose one (--gpu_data for data sets that fit on the device, '
+             '--decode_on_device for image folders that do not)')
+    if args.decode_on_device and args.data in ('cifar10', 'cifar100'):
+        fail(f'--decode_on_device reads image files, and {args.data} is a tensor data set: use --gpu_data')
     if not 0 <= args.drop_path < 1:
         fail(f'--drop_path {args.drop_path} must lie in [0, 1)')
     for flag in ('blr', 'lr', 'opt_eps'):
@@ -829,7 +911,8 @@ def build_loader(run):
     args = run.args
     if not run.is_main:  # rank 0 downloads first, so that ranks do not race on the same files
         barrier()
-    run.dataset = build_dataset(args, 'train', pretrain_transform(args.img_size))
+    run.dataset = build_dataset(args, 'train', pretrain_transform(args.img_size),
+                                ImageFileBytes if args.decode_on_device else ImageFolderSkippingBroken)
     run.vis_dataset = build_dataset(args, 'train', eval_transform(args.img_size))
     if run.is_main:
         barrier()
@@ -840,10 +923,12 @@ def build_loader(run):
         run.loader = DeviceImages(run.dataset, run.sampler, args.batch_size, args.img_size, run.device,
                                   args.num_workers)
     else:  # workers started once, kept across epochs; uint8 batches, pinned on GPUs, normalised on the device
-        run.loader = NormalizedOnDevice(DataLoader(
-            run.dataset, batch_size=args.batch_size, sampler=ImageSeeds(run.sampler, args.seed),
-            num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
-            pin_memory=run.device.type == 'cuda', drop_last=True), run.device)
+        loader = DataLoader(run.dataset, batch_size=args.batch_size, sampler=ImageSeeds(run.sampler, args.seed),
+                            num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                            pin_memory=run.device.type == 'cuda', drop_last=True,
+                            collate_fn=as_lists if args.decode_on_device else None)
+        run.loader = (DecodedOnDevice(loader, run.dataset, args.img_size, run.device) if args.decode_on_device
+                      else NormalizedOnDevice(loader, run.device))
     run.steps_per_epoch = len(run.loader) // args.accum_iter
     if run.steps_per_epoch == 0:
         fail(f'{len(run.dataset)} images are too few for {run.world_size} process(es) x --batch_size '

@@ -14,13 +14,13 @@ installed (it is not a requirement of this project).
 """
 
 import json
+import os
 import statistics
 import tempfile
 import time
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 import teachers
 import train
@@ -115,27 +115,37 @@ def bench_method(method, args, device, peak_flops, teacher_flag=None):
                 mfu=round(flops * img_per_s / peak_flops, 4) if peak_flops else None)
 
 
+def worker_ms_per_image(dataset, count=200):
+    """What one loader worker spends per image (dataset[i] in this process): read, and for the worker pipeline
+    decode and augment."""
+    begin = time.perf_counter()
+    for i in range(min(count, len(dataset))):
+        dataset[i, (0, 0, i)]
+    return 1e3 * (time.perf_counter() - begin) / min(count, len(dataset))
+
+
 def bench_loader(args, device):
-    """Images per second that the input pipeline delivers with no model: the DataLoader (decode + augment + collate
-    in --num_workers processes), or with --gpu_data the decoded-once images augmented on the device."""
-    dataset = train.build_dataset(args, 'train', train.pretrain_transform(args.img_size))
-    sampler = train.ResumableSampler(dataset, num_replicas=1, rank=0)
-    if args.gpu_data:
-        dataset.transform = train.transforms.PILToTensor()
-        loader = train.DeviceImages(dataset, sampler, args.batch_size, args.img_size, device, args.num_workers)
-    else:
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                            drop_last=True)
-    batches = iter(loader)
+    """Images per second that the input pipeline delivers with no model, on train.py's own loader (build_loader):
+    the worker pipeline (decode + augment in --num_workers processes, uint8, normalised on the device), or
+    --decode_on_device (workers read bytes; decoding and augmentation on the device), or --gpu_data (decoded once,
+    augmented on the device); and what a worker spends per image."""
+    run = train.Run()
+    run.args, run.device, run.rank, run.world_size, run.is_main = args, device, 0, 1, True
+    train.build_loader(run)
+    run.sampler.set_epoch(0)
+    batches = iter(run.loader)
     next(batches)  # worker start-up is not throughput
     count, begin = 0, time.perf_counter()
     for _, (imgs, _) in zip(range(args.steps), batches):
         count += len(imgs)
     if device.type == 'cuda':
         torch.cuda.synchronize()
-    return dict(method='loader+gpu_data' if args.gpu_data else 'loader', data=args.data, device=str(device),
-                num_workers=args.num_workers, batch_size=args.batch_size,
-                img_per_s=round(count / (time.perf_counter() - begin), 1))
+    seconds = time.perf_counter() - begin
+    pipeline = 'gpu_data' if args.gpu_data else 'decode_on_device' if args.decode_on_device else 'workers'
+    return dict(method=f'loader:{pipeline}', data=args.data, device=str(device), num_workers=args.num_workers,
+                batch_size=args.batch_size, img_per_s=round(count / seconds, 1),
+                img_per_s_per_core=round(count / seconds / max(1, min(args.num_workers, os.cpu_count())), 1),
+                worker_ms_per_image=None if args.gpu_data else round(worker_ms_per_image(run.dataset), 3))
 
 
 def main():

@@ -301,7 +301,8 @@ def evaluate(model, loader, device, autocast):
 def extract_features(classifier, dataset, args, device, split):
     """Frozen features of every image of dataset (its evaluation view), in order: (N, D) float32 and (N,) labels."""
     classifier.eval()
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        worker_init_fn=train.ignore_stop_signals)
     features, labels = zip(*[(classifier.features(x.to(device)).float(), y.to(device))
                              for x, y in tqdm(loader, desc=f'{split} features')])
     return torch.cat(features), torch.cat(labels)
@@ -436,9 +437,11 @@ def set_up_training(run):
     run.sampler = train.ResumableSampler(run.train_set, num_replicas=run.world_size, rank=run.rank, shuffle=True,
                                          seed=args.seed)
     run.loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=run.sampler,
-                            num_workers=args.num_workers, pin_memory=device.type == 'cuda', drop_last=True)
+                            num_workers=args.num_workers, pin_memory=device.type == 'cuda', drop_last=True,
+                            worker_init_fn=train.ignore_stop_signals)
     # Evaluation shards the validation set; DistributedSampler pads the last shard by repeating a few images.
     run.val_loader = DataLoader(run.val_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                worker_init_fn=train.ignore_stop_signals,
                                 sampler=DistributedSampler(run.val_set, run.world_size, run.rank, shuffle=False))
     if len(run.loader) == 0:
         fail(f'{len(run.train_set)} images are too few for {run.world_size} process(es) x --batch_size '

@@ -109,6 +109,23 @@ def test_sigterm_to_a_running_process_exits_0_with_a_checkpoint(images64, tmp_pa
     assert checkpoint['step'] > 0 and checkpoint['epoch'] < 50
 
 
+def test_sigterm_to_the_process_group_with_loader_workers_exits_0_with_a_checkpoint(images64, tmp_path):
+    """A scheduler's pre-emption or Ctrl-C signals every process of the group, loader workers too: they leave it to
+    the main process, which checkpoints and stops them."""
+    process = subprocess.Popen([sys.executable, 'train.py'] + flags(images64, tmp_path, '--epochs', '50',
+                                                                     '--num_workers', '2'),
+                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    while not (tmp_path / 'log.jsonl').exists() and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output[-3000:]
+    assert 'stopped by a signal' in output and 'Traceback' not in output
+    checkpoint = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
+    assert checkpoint['step'] > 0 and checkpoint['epoch'] < 50
+
+
 # 3. No corrupt checkpoints ----------------------------------------------------------------------------------------
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

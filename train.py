@@ -526,6 +526,14 @@ class DecodedOnDevice:
         return crop.flip(-1) if flip else crop
 
 
+def ignore_stop_signals(worker_id):
+    """worker_init_fn: loader workers leave SIGTERM and SIGINT to the main process. A signal sent to the whole process
+    group (Ctrl-C in a terminal, a scheduler pre-empting a job) would otherwise kill them first, and the main process
+    would die of their deaths before it checkpoints; it stops them itself when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ImageSeeds:
     """A sampler's indices, each with the seeds of that image's augmentation in this epoch, (--seed, epoch, index):
     the draws depend on no worker, worker count or starting point, so loader workers can live across epochs
@@ -569,7 +577,7 @@ class DeviceImages:
     in the order of the same (resumable, distributed) sampler."""
 
     def __init__(self, dataset, sampler, batch_size, img_size, device, num_workers):
-        decoded = DataLoader(dataset, batch_size=256, num_workers=num_workers)
+        decoded = DataLoader(dataset, batch_size=256, num_workers=num_workers, worker_init_fn=ignore_stop_signals)
         try:
             images, labels = zip(*decoded)
         except RuntimeError as e:  # default_collate cannot stack images of different sizes
@@ -925,7 +933,7 @@ def build_loader(run):
     else:  # workers started once, kept across epochs; uint8 batches, pinned on GPUs, normalised on the device
         loader = DataLoader(run.dataset, batch_size=args.batch_size, sampler=ImageSeeds(run.sampler, args.seed),
                             num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
-                            pin_memory=run.device.type == 'cuda', drop_last=True,
+                            pin_memory=run.device.type == 'cuda', drop_last=True, worker_init_fn=ignore_stop_signals,
                             collate_fn=as_lists if args.decode_on_device else None)
         run.loader = (DecodedOnDevice(loader, run.dataset, args.img_size, run.device) if args.decode_on_device
                       else NormalizedOnDevice(loader, run.device))

@@ -284,13 +284,15 @@ def top1_chart(records, path):
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.55 * len(rows)))
     for i, (label, kind, key) in enumerate((('k-NN', 'frozen', 'knn_acc1'), ('linear probe', 'frozen', 'linear_acc1'),
                                             ('fine-tune', 'finetune', 'top1'))):
-        values = [records.get(f'{row}-{kind}', {}).get(key, 0.0) for row in rows]
-        bars = ax.barh([r + (i - 1) * 0.27 for r in range(len(rows))], values, height=0.27, label=label)
-        ax.bar_label(bars, fmt='%.1f', fontsize=7, padding=2)
+        done = [(r, records[f'{row}-{kind}'][key]) for r, row in enumerate(rows) if f'{row}-{kind}' in records]
+        if done:  # an evaluation not run (yet) gets no bar, not a bar at 0
+            positions, values = zip(*done)
+            bars = ax.barh([r + (i - 1) * 0.27 for r in positions], values, height=0.27, label=label)
+            ax.bar_label(bars, fmt='%.1f', fontsize=7, padding=2)
     ax.set_yticks(range(len(rows)), rows)
     ax.invert_yaxis()
     ax.set_xlabel('top-1 accuracy on the validation images (%)')
-    ax.legend(loc='lower right', fontsize=8)
+    ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

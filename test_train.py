@@ -126,20 +126,25 @@ def test_workers_ship_uint8_and_the_device_normalises_as_the_float_pipeline(imag
     assert labels.tolist() == [dataset.samples[i][1] for i in list(sampler)[:4]]
 
 
+def stop_at_call(monkeypatch, call):
+    """A stop request (what a signal sets) from inside the call-th call of forward_backward in this process."""
+    calls, real = [0], train.forward_backward
+
+    def forward_backward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            train.request_stop(None, None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, 'forward_backward', forward_backward)
+
+
 def test_persistent_workers_give_the_same_losses_as_none_and_resume_exactly(image_folder, tmp_path, monkeypatch):
     """Loader workers live across epochs; each image's draws come from (seed, epoch, index), so 2 workers give the
     losses of 0 workers, and a run stopped mid-epoch 1 continues exactly."""
     expected = [row['loss'] for row in run(image_folder, tmp_path / 'in_process')]
     assert [row['loss'] for row in run(image_folder, tmp_path / 'workers', '--num_workers', '2')] == expected
-    calls, real = [0], train.forward_backward
-
-    def stop_in_epoch_1(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 7:  # call 1 counts FLOPs; 4 steps per epoch: epoch 1, step 2
-            train.request_stop(None, None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, 'forward_backward', stop_in_epoch_1)
+    stop_at_call(monkeypatch, 7)  # call 1 counts FLOPs; 4 steps per epoch: epoch 1, step 2
     run_stopped = tmp_path / 'stopped'
     assert len(run(image_folder, run_stopped, '--num_workers', '2')) == 1  # stopped in epoch 1, position saved
     assert torch.load(run_stopped / 'checkpoint-last.pth', weights_only=True)['step'] == 2
@@ -183,15 +188,7 @@ def test_device_decoding_trains_skips_and_counts_bad_files_and_resumes_exactly(t
     expected = [row['loss'] for row in rows]
     assert [row['loss'] for row in run(data, tmp_path / 'workers', '--decode_on_device', '--num_workers', '2')] \
         == expected
-    calls, real = [0], train.forward_backward
-
-    def stop_in_epoch_1(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 8:  # call 1 counts FLOPs; 5 steps per epoch: epoch 1, step 2
-            train.request_stop(None, None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, 'forward_backward', stop_in_epoch_1)
+    stop_at_call(monkeypatch, 8)  # call 1 counts FLOPs; 5 steps per epoch: epoch 1, step 2
     assert len(run(data, tmp_path / 'stopped', '--decode_on_device')) == 1
     monkeypatch.undo()
     assert [row['loss'] for row in run(data, tmp_path / 'stopped', '--decode_on_device')] == expected

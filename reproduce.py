@@ -215,19 +215,24 @@ def plan(args, budget, results, work):
             '--seed', str(args.seed), '--output_dir', str(work / f'{row}-finetune')],
             finetune_summary(budget['finetune_epochs']))
 
-    # MAE and dBOT first: the MR rows mimic them; then the fine-tuning the budget affords and the rest.
-    runs = [frozen('random-init', scratch, args.seed)]
-    for method in ('mae', 'dbot', 'mcmae', 'mrmae', 'mrmcmae'):
-        runs += [pretraining(method, method, args.seed), frozen(method, encoder(method), args.seed)]
+    def rows_of(method):
+        runs = [pretraining(method, method, args.seed), frozen(method, encoder(method), args.seed)]
         if method == 'dbot':
             runs.append(frozen('dbot-stage1', ['--checkpoint', str(work / 'dbot' / 'stage1-encoder.pth')], args.seed))
             runs += [fine_tuning(row) for row in TEACHER_ROWS_AND_BASELINE if row in budget['fine_tune']]
         elif method in budget['fine_tune'] and method not in TEACHER_ROWS_AND_BASELINE:
             runs.append(fine_tuning(method))
-    # The noise: the cheapest rows again with the next seed (a random encoder; MAE's pre-training and its features)
+        return runs
+
+    # MAE and dBOT first: the MR rows mimic them. Then the noise, the cheapest rows again with the next seed (a
+    # random encoder; MAE's pre-training and its features): every comparison needs it, so it comes before the
+    # slowest rows. Then the convolutional and mimicking methods.
     other = args.seed + 1
-    runs += [frozen(f'random-init-seed{other}', scratch, other), pretraining(f'mae-seed{other}', 'mae', other),
+    noise = [frozen(f'random-init-seed{other}', scratch, other), pretraining(f'mae-seed{other}', 'mae', other),
              frozen(f'mae-seed{other}', encoder(f'mae-seed{other}'), other)]
+    runs = [frozen('random-init', scratch, args.seed), *rows_of('mae'), *rows_of('dbot'), *noise]
+    for method in ('mcmae', 'mrmae', 'mrmcmae'):
+        runs += rows_of(method)
     return runs
 
 

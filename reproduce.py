@@ -271,6 +271,16 @@ def table(records, budget):
     return '\n'.join(lines) + '\n'
 
 
+def machines(records):
+    """Which machine and thread count each run had: one line when every run had the same."""
+    runs_on = {}
+    for name, record in records.items():
+        runs_on.setdefault(f'{record["machine"]}, OMP_NUM_THREADS={record["omp_num_threads"]}', []).append(name)
+    if len(runs_on) == 1:
+        return f'Every run: {next(iter(runs_on))}.\n'
+    return ''.join(f'{setting}: {", ".join(names)}.\n' for setting, names in runs_on.items())
+
+
 def noise_table(records, seed):
     """The cheapest rows with two seeds: how far apart two rows must be before they differ."""
     lines = [f'| encoder (frozen) | k-NN top-1, seed {seed} | seed {seed + 1} | linear top-1, seed {seed} | '
@@ -330,7 +340,7 @@ def loss_chart(results, path):
 
 def write_report(args, budget, results):
     records = read_records(results / 'runs')
-    text = table(records, budget) + '\n' + noise_table(records, args.seed)
+    text = table(records, budget) + '\n' + machines(records) + '\n' + noise_table(records, args.seed)
     (results / 'results.md').write_text(text)
     top1_chart(records, results / 'top1.png')
     loss_chart(results, results / 'pretrain_loss.png')

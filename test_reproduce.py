@@ -39,6 +39,7 @@ def test_smoke_protocol_writes_table_records_figures_and_commands(image_folder, 
     rows = {line.split(' | ')[0].strip('| '): line.split(' | ') for line in table}
     assert list(rows) == list(reproduce.TARGETS)
     assert all('pending' not in line for line in table)
+    assert 'Every run: ' in (results / 'results.md').read_text()  # the machine and OMP_NUM_THREADS, named
     assert float(rows['mrmae'][3]) >= float(rows['mae'][3])  # MR-MAE's compute includes its teachers' pre-training
     assert rows['dbot-stage1'][7:] == ['-', '- |'] and rows['mcmae'][7:] == ['-', '- |']  # not fine-tuned at this budget
     record = json.loads((results / 'runs' / 'mae-frozen.json').read_text())

@@ -34,6 +34,7 @@ import train
 
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # Per budget: pre-training epochs E for every method (dBOT's two stages share them), warm-up epochs per stage, the
 # one fine-tuning budget and the encoders it is spent on, batch size and loader. The CPU budget is the smallest that
@@ -314,23 +315,32 @@ def top1_chart(records, path):
 
 
 def loss_chart(results, path):
-    """Pre-training loss per epoch (each point an epoch's mean), one panel per method (their losses have different
-    units); MR-MAE's terms too, and dBOT's stage boundaries."""
+    """Pre-training loss per epoch (each point an epoch's mean, drawn at the epoch's middle), one panel per method
+    (their losses have different units); MR-MAE's terms too, and dBOT's stage boundaries."""
     order = {name: i for i, name in enumerate(TARGETS)}  # the table's order; other seeds after
     paths = sorted((results / 'logs').glob('*.jsonl'), key=lambda path: (order.get(path.stem, len(order)), path.stem))
     logs = {path.stem: [json.loads(line) for line in path.read_text().splitlines()] for path in paths}
     if not logs:
         return
-    fig, axes = plt.subplots(1, len(logs), figsize=(3.2 * len(logs), 3), squeeze=False)
-    for ax, (name, rows) in zip(axes[0], logs.items()):
-        epochs = [row['epoch'] for row in rows]
-        for key in ['loss'] + sorted(k for k in rows[0] if k.startswith('loss_')):
-            ax.plot(epochs, [row[key] for row in rows], marker='.', label=key)
+    columns = min(3, len(logs))
+    rows_of_panels = -(-len(logs) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(3.4 * columns, 2.9 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(logs):]:
+        ax.axis('off')
+    for ax, (name, rows) in zip(axes.flat, logs.items()):
+        stages = sorted({row['stage'] for row in rows})
+        for i, key in enumerate(['loss'] + sorted(k for k in rows[0] if k.startswith('loss_'))):
+            for stage in stages:  # a new teacher gives a new loss: its line starts afresh
+                in_stage = [row for row in rows if row['stage'] == stage]
+                ax.plot([row['epoch'] + 0.5 for row in in_stage], [row[key] for row in in_stage], marker='o',
+                        color=f'C{i}', label=key if stage == stages[0] else None)
         for row, previous in zip(rows[1:], rows):
             if row['stage'] != previous['stage']:
-                ax.axvline(row['epoch'] - 0.5, color='grey', linestyle=':', label='new stage')
+                ax.axvline(row['epoch'], color='grey', linestyle=':', label='new stage')
+        ax.set_xlim(0, rows[-1]['epoch'] + 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name)
-        ax.set_xlabel('epoch')
+        ax.set_xlabel('epoch (points: each epoch\'s mean)')
         ax.set_ylabel('training loss')
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -472,7 +472,8 @@ def set_up_training(run):
         run.start_epoch, run.best_acc1 = run.ckpt['epoch'], run.ckpt['best_acc1']
         if run.is_main:
             print(f'resumed from {run.resume} at epoch {run.start_epoch}, step {run.ckpt["step"]}')
-            train.restore_log(run.out / 'log.jsonl', run.start_epoch, run.ckpt.get('log_row'))
+            train.restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch,
+                              run.ckpt.get('log_row'))
     run.model = run.raw_model
     if run.world_size > 1:
         run.model = DDP(run.raw_model, device_ids=[device.index] if device.type == 'cuda' else None)

@@ -153,6 +153,35 @@ def test_persistent_workers_give_the_same_losses_as_none_and_resume_exactly(imag
     assert [row['loss'] for row in run(image_folder, run_stopped, '--num_workers', '2')] == expected
 
 
+def steps_log(output_dir):
+    return [json.loads(line) for line in (output_dir / 'steps.jsonl').read_text().splitlines()]
+
+
+def test_steps_log_tiles_every_epoch_and_survives_a_stop(image_folder, tmp_path, monkeypatch):
+    """steps.jsonl averages the loss between log points (every 2 of the 4 steps per epoch): its windows tile each
+    epoch once, average back to the epoch's loss, and a run stopped at epoch 1, step 1 (with a row from after its
+    checkpoint, as a kill would leave) continues them without a gap or a repeat."""
+    rows = run(image_folder, tmp_path / 'whole')
+    windows = steps_log(tmp_path / 'whole')
+    tiles = [(0, 0, 2), (0, 2, 4), (1, 0, 2), (1, 2, 4)]
+    assert [(w['epoch'], w['first_step'], w['end_step']) for w in windows] == tiles
+    for row in rows:
+        assert sum(w['loss'] for w in windows if w['epoch'] == row['epoch']) / 2 == pytest.approx(row['loss'])
+    stop_at_call(monkeypatch, 6)  # call 1 counts FLOPs: epoch 1, step 0
+    stopped = tmp_path / 'stopped'
+    run(image_folder, stopped)
+    with open(stopped / 'steps.jsonl', 'a') as f:
+        f.write(json.dumps(dict(windows[2], first_step=1)) + '\n')  # logged by a run killed before its checkpoint
+    monkeypatch.undo()
+    train.stop_requested = False
+    run(image_folder, stopped)
+    resumed = steps_log(stopped)
+    assert [(w['epoch'], w['first_step'], w['end_step']) for w in resumed] == [
+        (0, 0, 2), (0, 2, 4), (1, 0, 1), (1, 1, 2), (1, 2, 4)]
+    assert resumed[4]['loss'] == windows[3]['loss']  # the resumed run continues exactly
+    assert (resumed[2]['loss'] + resumed[3]['loss']) / 2 == pytest.approx(windows[2]['loss'])
+
+
 def mixed_folder(root):
     """JPEGs in colour and grey, a PNG, a CMYK JPEG, and a corrupt file: what the device decoder meets in practice."""
     make_image_folder(root, per_class=8, size=48)

@@ -716,15 +716,15 @@ def load_state(module, state, source):
         fail(f'{source} does not fit this run: {" ".join(str(e).split())[:800]}')
 
 
-def restore_log(log_path, next_epoch, last_row=None):
-    """Make log.jsonl say what the checkpoint covers, no more and no less: rows of epochs from next_epoch on (a run
-    killed after logging) go; the checkpoint's own last row, lost if a run died between the two writes, comes back; a
-    line that is no log row (a write cut short, a hand edit) is dropped with a warning."""
+def restore_log(log_path, covered, last_row=None):
+    """Make a log (log.jsonl, steps.jsonl) say what the checkpoint covers, no more and no less: rows it does not cover
+    (`covered(row)` false: a run killed after logging) go; the checkpoint's own last row, lost if a run died between
+    the two writes, comes back; a line that is no log row (a write cut short, a hand edit) is dropped with a warning."""
     rows = []
     for number, line in enumerate(log_path.read_text().splitlines() if log_path.exists() else [], 1):
         try:
             row = json.loads(line)
-            keep = row['epoch'] < next_epoch
+            keep = covered(row)
         except (ValueError, KeyError, TypeError):
             print(f'warning: dropping line {number} of {log_path}, not a log row: {line[:60]!r}', file=sys.stderr)
             continue
@@ -967,7 +967,9 @@ def restore_checkpoint(run):
     run.start_epoch, run.stage = ckpt['epoch'], ckpt['stage']
     if run.is_main:
         print(f'resumed from {resume} at epoch {run.start_epoch}, step {ckpt["step"]} (stage {run.stage})')
-        restore_log(run.out / 'log.jsonl', run.start_epoch, ckpt.get('log_row'))
+        restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch, ckpt.get('log_row'))
+        restore_log(run.out / 'steps.jsonl', lambda row: (row['epoch'], row['end_step']) <= (ckpt['epoch'],
+                                                                                              ckpt['step']))
         if ckpt['args']['stage_epochs'] != args.stage_epochs:
             print(f'note: {resume} was trained on a schedule of {ckpt["args"]["stage_epochs"]} epochs per stage; '
                   f'this run\'s is {args.stage_epochs}: the lr schedule continues re-stretched to it')
@@ -1072,6 +1074,35 @@ def save_position(run, epoch, steps_done, loss_sum, term_sums):
     barrier()
 
 
+class LossWindows:
+    """steps.jsonl: the training loss and its terms averaged over the steps between log points (--log_every), over
+    every rank, so that a short run has a curve and a long one shows what an epoch's mean hides. Each row names the
+    steps [first_step, end_step) of its epoch that it averages: a signal's stop ends a window early, and the resumed
+    run starts the next one there."""
+
+    def __init__(self, run, epoch, first_step, loss_sum, term_sums):
+        self.run, self.epoch = run, epoch
+        self.start(first_step, loss_sum, term_sums, skipped_steps=0)
+
+    def start(self, step, loss_sum, term_sums, skipped_steps):
+        self.first_step, self.skipped_steps = step, skipped_steps
+        self.loss_sum, self.term_sums = loss_sum.clone(), dict(term_sums)  # loss_sum grows in place
+
+    def close(self, end_step, loss_sum, term_sums, skipped_steps):
+        """Write the window that ends before end_step (rank 0 writes; every rank calls) and start the next there."""
+        run = self.run
+        micro_batches = (end_step - self.first_step - (skipped_steps - self.skipped_steps)) * run.args.accum_iter
+        if micro_batches > 0:
+            sums = dict(loss=loss_sum - self.loss_sum,
+                        **{name: total - self.term_sums.get(name, 0) for name, total in term_sums.items()})
+            means = {name: all_reduce_mean(total / micro_batches).item() for name, total in sums.items()}
+            if run.is_main:
+                with open(run.out / 'steps.jsonl', 'a') as f:
+                    f.write(json.dumps(dict(epoch=self.epoch, stage=run.stage, first_step=self.first_step,
+                                            end_step=end_step, steps_per_epoch=run.steps_per_epoch, **means)) + '\n')
+        self.start(end_step, loss_sum, term_sums, skipped_steps)
+
+
 def train_one_epoch(run, epoch):
     """The optimizer steps of one epoch (the official MAE's name), from the step a signal stopped it at if it did.
     -> the epoch's log row, or None when a signal stops the run (its exact position is then in the checkpoint)."""
@@ -1097,6 +1128,7 @@ def train_one_epoch(run, epoch):
     if resuming_mid_epoch:
         restore_rng_states(position['rng_state'], device)
     stop_vote = StopVote(first_step, run.world_size)
+    windows = LossWindows(run, epoch, first_step, loss_sum, term_sums)
     bar = tqdm(total=run.steps_per_epoch, initial=first_step, desc=f'epoch {epoch}', disable=not run.is_main,
                dynamic_ncols=True)
     for step in range(first_step, run.steps_per_epoch):
@@ -1130,8 +1162,10 @@ def train_one_epoch(run, epoch):
                 postfix['mfu'] = f'{img_per_s / run.world_size * run.flops / run.peak_flops:.1%}'
             bar.set_postfix(postfix)  # shown at the last step too, so that short epochs show it
             last_log_step, last_log_time = step + 1, now
+            windows.close(step + 1, loss_sum, term_sums, skipped_steps)
         if stop_vote.stops_after(step, run.steps_per_epoch):
             check_finite(nonfinite_step, epoch, run.out)
+            windows.close(step + 1, loss_sum, term_sums, skipped_steps)
             save_position(run, epoch, step + 1, loss_sum, term_sums)
             return None
     bar.close()

@@ -177,6 +177,9 @@ def keep_stage1_encoder(run):
 def keep_log_and_figure(results):
     def keep(run):
         shutil.copy(run.out / 'log.jsonl', results / 'logs' / f'{run.name}.jsonl')
+        if (run.out / 'steps.jsonl').exists():  # runs of train.py before steps.jsonl have epoch means only
+            (results / 'logs' / 'steps').mkdir(exist_ok=True)
+            shutil.copy(run.out / 'steps.jsonl', results / 'logs' / 'steps' / f'{run.name}.jsonl')
         figures = sorted(run.out.glob('vis-epoch*.png'))
         shutil.copy(figures[-1], results / 'figures' / f'{run.name}-last-epoch.png')
     return keep
@@ -315,13 +318,16 @@ def top1_chart(records, path):
 
 
 def loss_chart(results, path):
-    """Pre-training loss per epoch (each point an epoch's mean, drawn at the epoch's middle), one panel per method
-    (their losses have different units); MR-MAE's terms too, and dBOT's stage boundaries."""
+    """Pre-training loss per epoch (each point an epoch's mean, drawn at the epoch's middle) and, where the run kept
+    steps.jsonl, between log points (a thin line), one panel per method (their losses have different units); MR-MAE's
+    terms too, and dBOT's stage boundaries."""
     order = {name: i for i, name in enumerate(TARGETS)}  # the table's order; other seeds after
     paths = sorted((results / 'logs').glob('*.jsonl'), key=lambda path: (order.get(path.stem, len(order)), path.stem))
     logs = {path.stem: [json.loads(line) for line in path.read_text().splitlines()] for path in paths}
     if not logs:
         return
+    steps = {path.stem: [json.loads(line) for line in path.read_text().splitlines()]
+             for path in (results / 'logs' / 'steps').glob('*.jsonl')}
     columns = min(3, len(logs))
     rows_of_panels = -(-len(logs) // columns)
     fig, axes = plt.subplots(rows_of_panels, columns, figsize=(3.4 * columns, 2.9 * rows_of_panels), squeeze=False)
@@ -334,6 +340,10 @@ def loss_chart(results, path):
                 in_stage = [row for row in rows if row['stage'] == stage]
                 ax.plot([row['epoch'] + 0.5 for row in in_stage], [row[key] for row in in_stage], marker='o',
                         color=f'C{i}', label=key if stage == stages[0] else None)
+                windows = [w for w in steps.get(name, []) if w['stage'] == stage]
+                ax.plot([w['epoch'] + (w['first_step'] + w['end_step']) / 2 / w['steps_per_epoch'] for w in windows],
+                        [w[key] for w in windows], color=f'C{i}', linewidth=0.8, alpha=0.6,
+                        label='between log points' if (i, stage) == (0, stages[0]) and windows else None)
         for row, previous in zip(rows[1:], rows):
             if row['stage'] != previous['stage']:
                 ax.axvline(row['epoch'], color='grey', linestyle=':', label='new stage')

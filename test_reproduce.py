@@ -53,6 +53,8 @@ def test_smoke_protocol_writes_table_records_figures_and_commands(image_folder, 
     assert any('--teacher' in c and 'mae-encoder-fp16.pth+' in c for c in commands if '--method mrmae' in c)
     encoder = torch.load(results / 'encoders' / 'mae-encoder-fp16.pth')
     assert all(v.dtype == torch.float16 for v in encoder.values()) and 'decoder_embed.weight' not in encoder
+    windows = [json.loads(line) for line in (results / 'logs' / 'steps' / 'dbot.jsonl').read_text().splitlines()]
+    assert {window['stage'] for window in windows} == {0, 1}  # the loss between log points, kept for the chart
     for figure in ['top1.png', 'pretrain_loss.png', 'figures/mrmcmae-last-epoch.png']:
         assert (results / figure).stat().st_size > 0
     # a third sitting finds every run finished: nothing runs again

@@ -318,9 +318,7 @@ def top1_chart(records, path):
 
 
 def loss_chart(results, path):
-    """Pre-training loss per epoch (each point an epoch's mean, drawn at the epoch's middle) and, where the run kept
-    steps.jsonl, between log points (a thin line), one panel per method (their losses have different units); MR-MAE's
-    terms too, and dBOT's stage boundaries."""
+    """Pre-training loss, one panel per method (their losses have different units), in the table's order."""
     order = {name: i for i, name in enumerate(TARGETS)}  # the table's order; other seeds after
     paths = sorted((results / 'logs').glob('*.jsonl'), key=lambda path: (order.get(path.stem, len(order)), path.stem))
     logs = {path.stem: [json.loads(line) for line in path.read_text().splitlines()] for path in paths}
@@ -334,28 +332,34 @@ def loss_chart(results, path):
     for ax in axes.flat[len(logs):]:
         ax.axis('off')
     for ax, (name, rows) in zip(axes.flat, logs.items()):
-        stages = sorted({row['stage'] for row in rows})
-        for i, key in enumerate(['loss'] + sorted(k for k in rows[0] if k.startswith('loss_'))):
-            for stage in stages:  # a new teacher gives a new loss: its line starts afresh
-                in_stage = [row for row in rows if row['stage'] == stage]
-                ax.plot([row['epoch'] + 0.5 for row in in_stage], [row[key] for row in in_stage], marker='o',
-                        color=f'C{i}', label=key if stage == stages[0] else None)
-                windows = [w for w in steps.get(name, []) if w['stage'] == stage]
-                ax.plot([w['epoch'] + (w['first_step'] + w['end_step']) / 2 / w['steps_per_epoch'] for w in windows],
-                        [w[key] for w in windows], color=f'C{i}', linewidth=0.8, alpha=0.6,
-                        label='between log points' if (i, stage) == (0, stages[0]) and windows else None)
-        for row, previous in zip(rows[1:], rows):
-            if row['stage'] != previous['stage']:
-                ax.axvline(row['epoch'], color='grey', linestyle=':', label='new stage')
-        ax.set_xlim(0, rows[-1]['epoch'] + 1)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(name)
-        ax.set_xlabel('epoch (points: each epoch\'s mean)')
-        ax.set_ylabel('training loss')
-        ax.legend(fontsize=7)
+        loss_panel(ax, name, rows, steps.get(name, []))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def loss_panel(ax, name, rows, windows):
+    """One run's loss and its terms (MR-MAE's): each epoch's mean as a point at the epoch's middle and, where the run
+    kept steps.jsonl, the means between log points as a thin line; a dBOT stage starts its line afresh."""
+    stages = sorted({row['stage'] for row in rows})
+    for i, key in enumerate(['loss'] + sorted(k for k in rows[0] if k.startswith('loss_'))):
+        for stage in stages:  # a new teacher gives a new loss
+            in_stage = [row for row in rows if row['stage'] == stage]
+            ax.plot([row['epoch'] + 0.5 for row in in_stage], [row[key] for row in in_stage], marker='o',
+                    color=f'C{i}', label=key if stage == stages[0] else None)
+            in_stage = [w for w in windows if w['stage'] == stage]
+            ax.plot([w['epoch'] + (w['first_step'] + w['end_step']) / 2 / w['steps_per_epoch'] for w in in_stage],
+                    [w[key] for w in in_stage], color=f'C{i}', linewidth=0.8, alpha=0.6,
+                    label='between log points' if (i, stage) == (0, stages[0]) and windows else None)
+    for row, previous in zip(rows[1:], rows):
+        if row['stage'] != previous['stage']:
+            ax.axvline(row['epoch'], color='grey', linestyle=':', label='new stage')
+    ax.set_xlim(0, rows[-1]['epoch'] + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(name)
+    ax.set_xlabel('epoch (points: each epoch\'s mean)')
+    ax.set_ylabel('training loss')
+    ax.legend(fontsize=7)
 
 
 def write_report(args, budget, results):

@@ -163,6 +163,13 @@ def all_reduce_mean(tensor):
     return tensor
 
 
+def means_over_ranks(sums, count):
+    """{name: summed loss} -> {name: its mean over count micro-batches and every rank}: stacked, so that a log point
+    costs one collective and one read back however many loss terms a method has."""
+    means = all_reduce_mean(torch.stack(list(sums.values())) / count)
+    return dict(zip(sums, means.tolist()))
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -1095,7 +1102,7 @@ class LossWindows:
         if micro_batches > 0:
             sums = dict(loss=loss_sum - self.loss_sum,
                         **{name: total - self.term_sums.get(name, 0) for name, total in term_sums.items()})
-            means = {name: all_reduce_mean(total / micro_batches).item() for name, total in sums.items()}
+            means = means_over_ranks(sums, micro_batches)
             if run.is_main:
                 with open(run.out / 'steps.jsonl', 'a') as f:
                     f.write(json.dumps(dict(epoch=self.epoch, stage=run.stage, first_step=self.first_step,
@@ -1178,9 +1185,9 @@ def epoch_row(run, epoch, lr, loss_sum, term_sums, skipped_steps, steps_per_seco
     """The epoch's log row: losses averaged over every rank's micro-batches, speed, counted FLOPs, skipped work."""
     micro_batches = (run.steps_per_epoch - skipped_steps) * run.args.accum_iter
     img_per_s = steps_per_second * run.eff_batch
-    row = dict(epoch=epoch, stage=run.stage, loss=all_reduce_mean(loss_sum / micro_batches).item(), lr=lr,
-               img_per_s=round(img_per_s, 1), gflops_per_img=round(run.flops / 1e9, 6))
-    row.update({name: all_reduce_mean(total / micro_batches).item() for name, total in term_sums.items()})
+    term_means = means_over_ranks(dict(loss=loss_sum, **term_sums), micro_batches)
+    row = dict(epoch=epoch, stage=run.stage, loss=term_means.pop('loss'), lr=lr,
+               img_per_s=round(img_per_s, 1), gflops_per_img=round(run.flops / 1e9, 6), **term_means)
     if run.peak_flops:
         row['mfu'] = round(img_per_s / run.world_size * run.flops / run.peak_flops, 4)
     row.update(skipped_steps=skipped_steps, skipped_images=int(run.dataset.skipped.sum())

@@ -338,18 +338,23 @@ def loss_chart(results, path):
     plt.close(fig)
 
 
+TERM_STYLES = [('o', '-'), ('s', '--'), ('^', '-.'), ('v', ':')]  # marker and line of the loss, then each term
+
+
 def loss_panel(ax, name, rows, windows):
     """One run's loss and its terms (MR-MAE's): each epoch's mean as a point at the epoch's middle and, where the run
     kept steps.jsonl, the means between log points as a thin line; a dBOT stage starts its line afresh."""
     stages = sorted({row['stage'] for row in rows})
     for i, key in enumerate(['loss'] + sorted(k for k in rows[0] if k.startswith('loss_'))):
+        marker, linestyle = TERM_STYLES[i % len(TERM_STYLES)]  # two terms of equal value must both stay visible
         for stage in stages:  # a new teacher gives a new loss
             in_stage = [row for row in rows if row['stage'] == stage]
-            ax.plot([row['epoch'] + 0.5 for row in in_stage], [row[key] for row in in_stage], marker='o',
-                    color=f'C{i}', label=key if stage == stages[0] else None)
+            ax.plot([row['epoch'] + 0.5 for row in in_stage], [row[key] for row in in_stage], marker=marker,
+                    linestyle=linestyle, fillstyle='none' if i else 'full', color=f'C{i}',
+                    label=key if stage == stages[0] else None)
             in_stage = [w for w in windows if w['stage'] == stage]
             ax.plot([w['epoch'] + (w['first_step'] + w['end_step']) / 2 / w['steps_per_epoch'] for w in in_stage],
-                    [w[key] for w in in_stage], color=f'C{i}', linewidth=0.8, alpha=0.6,
+                    [w[key] for w in in_stage], color=f'C{i}', linestyle=linestyle, linewidth=0.8, alpha=0.6,
                     label='between log points' if (i, stage) == (0, stages[0]) and windows else None)
     for row, previous in zip(rows[1:], rows):
         if row['stage'] != previous['stage']:

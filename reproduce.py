@@ -42,13 +42,14 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 # (README, Results); it runs for about five hours there.
 BUDGETS = {
     'cpu': dict(pretrain_epochs=2, warmup_epochs=0, finetune_epochs=1, finetune_warmup_epochs=0, batch_size=128,
-                num_workers=2, gpu_data=True, fine_tune=('random-init', 'mae', 'dbot'), model_flags=[]),
+                num_workers=2, gpu_data=True, fine_tune=('random-init', 'mae', 'dbot'), model_flags=[],
+                curve=(8, (2, 4, 8))),
     'gpu': dict(pretrain_epochs=100, warmup_epochs=10, finetune_epochs=50, finetune_warmup_epochs=5, batch_size=256,
                 num_workers=8, gpu_data=True, fine_tune=('random-init', 'mae', 'dbot', 'mcmae', 'mrmae', 'mrmcmae'),
-                model_flags=[]),
+                model_flags=[], curve=None),
     'smoke': dict(pretrain_epochs=2, warmup_epochs=1, finetune_epochs=1, finetune_warmup_epochs=0, batch_size=4,
                   num_workers=0, gpu_data=False, fine_tune=('random-init', 'mae'),
-                  model_flags=['--decoder_dim', '32', '--decoder_depth', '1']),
+                  model_flags=['--decoder_dim', '32', '--decoder_depth', '1'], curve=(2, (1, 2))),
 }
 TEACHER_ROWS = ('mae', 'dbot')  # MR-MAE and MR-MCMAE mimic these encoders
 TEACHER_ROWS_AND_BASELINE = ('random-init',) + TEACHER_ROWS  # fine-tuned first, at every budget
@@ -62,6 +63,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser('Small-scale reproduction of the papers\' claims')
     parser.add_argument('--data', required=True, help='an ImageFolder root with train/ and val/ (Tiny-ImageNet)')
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
+    parser.add_argument('--curve', action='store_true',
+                        help='instead of the table: MAE and dBOT pre-trained for a longer schedule, each encoder '
+                             'evaluated frozen at points along it (the learning curve; OUTPUT_DIR/curve/)')
     parser.add_argument('--output_dir', default='results', help='the table, records, figures, teacher encoders')
     parser.add_argument('--work_dir', default=None, help='checkpoints and logs of every run (default: '
                                                          'output/reproduce-BUDGET; not for git)')
@@ -185,24 +189,37 @@ def keep_log_and_figure(results):
     return keep
 
 
+def data_flags(args, budget):
+    return ['--data', args.data, '--img_size', str(args.img_size), '--batch_size', str(budget['batch_size']),
+            '--num_workers', str(budget['num_workers'])]
+
+
+def pretrain_flags(args, budget, epochs):
+    return data_flags(args, budget) + [
+        '--model', args.model, '--patch_size', str(args.patch_size), '--epochs', str(epochs), '--warmup_epochs',
+        str(budget['warmup_epochs']), '--vis_every', str(epochs), *budget['model_flags']] + (
+        ['--gpu_data'] if budget['gpu_data'] else [])
+
+
+def frozen_run(name, args, budget, source, seed, out, summarise=None):
+    """k-NN and the linear classifier on the frozen features of the encoder that `source` names."""
+    flags = ['--mode', 'frozen', '--crop_pct', '1.0'] + (['--epochs', '2'] if args.budget == 'smoke' else [])
+    return Run(name, finetune, data_flags(args, budget) + source + flags + ['--seed', str(seed), '--output_dir',
+                                                                            str(out)], summarise or frozen_summary)
+
+
 def plan(args, budget, results, work):
-    common = ['--data', args.data, '--img_size', str(args.img_size), '--batch_size', str(budget['batch_size']),
-              '--num_workers', str(budget['num_workers'])]
+    common = data_flags(args, budget)
     epochs = budget['pretrain_epochs']
-    pretrain = common + ['--model', args.model, '--patch_size', str(args.patch_size), '--epochs', str(epochs),
-                         '--warmup_epochs', str(budget['warmup_epochs']), '--vis_every', str(epochs),
-                         *budget['model_flags']] + (['--gpu_data'] if budget['gpu_data'] else [])
+    pretrain = pretrain_flags(args, budget, epochs)
     teachers = '+'.join(str(results / 'encoders' / f'{name}-encoder-fp16.pth') for name in TEACHER_ROWS)
     finetune_flags = ['--mode', 'finetune', '--epochs', str(budget['finetune_epochs']), '--warmup_epochs',
                       str(budget['finetune_warmup_epochs']), '--blr', '5e-4', '--layer_decay', '0.75',
                       '--crop_pct', '1.0']
-    frozen_flags = ['--mode', 'frozen', '--crop_pct', '1.0'] + (['--epochs', '2'] if args.budget == 'smoke' else [])
     scratch = ['--checkpoint', 'none', '--model', args.model, '--patch_size', str(args.patch_size)]
 
     def frozen(row, source, seed):
-        return Run(f'{row}-frozen', finetune, common + source + frozen_flags + ['--seed', str(seed), '--output_dir',
-                                                                               str(work / f'{row}-frozen')],
-                   frozen_summary)
+        return frozen_run(f'{row}-frozen', args, budget, source, seed, work / f'{row}-frozen')
 
     def pretraining(row, method, seed):
         extra = ['--teacher', teachers] if method.startswith('mr') else []
@@ -238,6 +255,31 @@ def plan(args, budget, results, work):
     for method in ('mcmae', 'mrmae', 'mrmcmae'):
         runs += rows_of(method)
     return runs
+
+
+def curve_plan(args, budget, curve, work):
+    """The learning curve: MAE and dBOT (its stages share the schedule) pre-trained for one longer schedule that keeps
+    the checkpoints at the points of the curve, each then evaluated frozen. A point before the schedule's end is not a
+    shorter run: its lr has not decayed yet."""
+    epochs, points = budget['curve']
+    runs = []
+    for method in ('mae', 'dbot'):
+        name, out = f'{method}-e{epochs}', work / 'curve' / f'{method}-e{epochs}'
+        runs.append(Run(name, train, pretrain_flags(args, budget, epochs) + [
+            '--method', method, '--seed', str(args.seed), '--save_epochs', ','.join(map(str, points)), '--output_dir',
+            str(out)], pretrain_summary(epochs), [keep_log_and_figure(curve)]))
+        for point in points:
+            runs.append(frozen_run(f'{name}-epoch{point}-frozen', args, budget,
+                                   ['--checkpoint', str(out / f'checkpoint-epoch{point}.pth')], args.seed,
+                                   work / 'curve' / f'{name}-epoch{point}-frozen', frozen_at(method, point)))
+    return runs
+
+
+def frozen_at(method, epoch):
+    def summarise(out):
+        summary = frozen_summary(out)
+        return summary and dict(method=method, pretrain_epochs=epoch, **summary)
+    return summarise
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -376,18 +418,78 @@ def write_report(args, budget, results):
     print(text)
 
 
+def random_init_band(records, seed):
+    """The frozen top-1s of the random-init encoders (both seeds): what an encoder that learned nothing scores."""
+    pair = [records.get(f'random-init-frozen'), records.get(f'random-init-seed{seed + 1}-frozen')]
+    return {key: (min(r[key] for r in pair), max(r[key] for r in pair)) for key in ('knn_acc1', 'linear_acc1')} \
+        if all(pair) else None
+
+
+def curve_table(records, epochs, band):
+    lines = [f'| method | epochs seen (of a {epochs}-epoch schedule) | k-NN top-1 | linear top-1 |', '|---|---|---|---|']
+    if band:
+        lines.append('| random-init (seeds 0 and 1) | 0 | ' + ' | '.join(
+            f'{low:.1f} to {high:.1f}' for low, high in band.values()) + ' |')
+    for record in sorted((r for r in records.values() if 'pretrain_epochs' in r),
+                         key=lambda r: (r['method'], r['pretrain_epochs'])):
+        lines.append(f'| {record["method"]} | {record["pretrain_epochs"]} | {record["knn_acc1"]:.1f} | '
+                     f'{record["linear_acc1"]:.1f} |')
+    pretraining = [r for r in records.values() if 'final_loss' in r]
+    lines += ['', '| pre-training | epochs | minutes | img/s | final loss |', '|---|---|---|---|---|']
+    lines += [f'| {r["run"]} | {r["epochs"]} | {r["seconds"] / 60:.0f} | {r["img_per_s"]:.0f} | {r["final_loss"]:.3f} |'
+              for r in sorted(pretraining, key=lambda r: r['run'])]
+    return '\n'.join(lines) + '\n'
+
+
+def curve_chart(records, epochs, band, path):
+    """Top-1 against the epochs seen, one line per method, one panel per evaluation; the random-init band across."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (key, label) in zip(axes, (('knn_acc1', 'k-NN (k = 20)'), ('linear_acc1', 'linear on frozen features'))):
+        if band:
+            ax.axhspan(*band[key], color='grey', alpha=0.3, label='random-init, seeds 0 and 1')
+        for i, method in enumerate(sorted({r['method'] for r in records.values() if 'pretrain_epochs' in r})):
+            points = sorted((r['pretrain_epochs'], r[key]) for r in records.values() if r.get('method') == method)
+            ax.plot(*zip(*points), marker='o', color=f'C{i}', label=method)
+        ax.set_xlim(0, epochs + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(f'epochs seen in a {epochs}-epoch schedule')
+        ax.set_ylabel('top-1 on the validation images (%)')
+        ax.set_title(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_curve_report(args, budget, results, curve):
+    records, epochs = read_records(curve / 'runs'), budget['curve'][0]
+    band = random_init_band(read_records(results / 'runs'), args.seed)
+    text = curve_table(records, epochs, band) + '\n' + machines(records)
+    (curve / 'curve.md').write_text(text)
+    curve_chart(records, epochs, band, curve / 'curve.png')
+    print(text)
+
+
 def main(args):
     budget = BUDGETS[args.budget]
+    if args.curve and not budget['curve']:
+        train.fail(f'--curve: the {args.budget} budget has no learning curve (it is defined for '
+                   f'{", ".join(name for name, b in BUDGETS.items() if b["curve"])})')
     results, work = Path(args.output_dir), Path(args.work_dir or f'output/reproduce-{args.budget}')
-    for folder in ('runs', 'logs', 'figures', 'encoders'):
-        (results / folder).mkdir(parents=True, exist_ok=True)
-    runs = plan(args, budget, results, work)
-    (results / 'commands.txt').write_text(''.join(run.command() + '\n' for run in runs))
+    curve = results / 'curve'
+    base = curve if args.curve else results
+    for folder in ('runs', 'logs', 'figures') + ('encoders',) * (not args.curve):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    runs = curve_plan(args, budget, curve, work) if args.curve else plan(args, budget, results, work)
+    (base / 'commands.txt').write_text(''.join(run.command() + '\n' for run in runs))
     for run in runs:
-        if not execute(run, results / 'runs'):
+        if not execute(run, base / 'runs'):
             print(f'stopped in {run.name}; the same command continues it')
             break
-    write_report(args, budget, results)
+    if args.curve:
+        write_curve_report(args, budget, results, curve)
+    else:
+        write_report(args, budget, results)
 
 
 if __name__ == '__main__':

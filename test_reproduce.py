@@ -62,3 +62,25 @@ def test_smoke_protocol_writes_table_records_figures_and_commands(image_folder, 
     monkeypatch.setattr(train, 'main', lambda args: (_ for _ in ()).throw(AssertionError('ran again')))
     reproduce.main(protocol(image_folder, tmp_path))
     assert before == {path.name: path.read_text() for path in (results / 'runs').glob('*.json')}
+
+
+def test_learning_curve_keeps_checkpoints_along_one_schedule_and_evaluates_each(image_folder, tmp_path):
+    args = reproduce.get_args_parser().parse_args(
+        ['--data', str(image_folder), '--output_dir', str(tmp_path / 'results'), '--work_dir', str(tmp_path / 'work'),
+         '--budget', 'smoke', '--img_size', '32', '--curve'])
+    reproduce.main(args)
+    curve = tmp_path / 'results' / 'curve'
+    epochs, points = reproduce.BUDGETS['smoke']['curve']
+    records = reproduce.read_records(curve / 'runs')
+    assert set(records) == {f'{m}-e{epochs}' for m in ('mae', 'dbot')} | {
+        f'{m}-e{epochs}-epoch{p}-frozen' for m in ('mae', 'dbot') for p in points}
+    for method in ('mae', 'dbot'):
+        work = tmp_path / 'work' / 'curve' / f'{method}-e{epochs}'
+        kept = {p: torch.load(work / f'checkpoint-epoch{p}.pth', weights_only=False) for p in points}
+        assert [kept[p]['epoch'] for p in points] == list(points)  # each kept after its own epoch, not overwritten
+        assert records[f'{method}-e{epochs}-epoch{points[0]}-frozen']['pretrain_epochs'] == points[0]
+        assert f'checkpoint-epoch{points[0]}.pth' in records[f'{method}-e{epochs}-epoch{points[0]}-frozen']['command']
+    assert not torch.equal(*(kept[p]['model']['cls_token'] for p in points))  # the encoder changed between points
+    table = (curve / 'curve.md').read_text()
+    assert table.count('| mae |') == len(points) and (curve / 'curve.png').stat().st_size > 0
+    assert 'random-init' not in table  # no band without the table's random-init records: none invented

@@ -127,6 +127,9 @@ def get_args_parser():
                         '(default: OUTPUT_DIR/checkpoint-last.pth when it exists)')
     parser.add_argument('--log_every', default=50, type=int, help='steps between progress updates (host syncs)')
     parser.add_argument('--vis_every', default=10, type=int, help='epochs between reconstruction PNGs')
+    parser.add_argument('--save_epochs', default=[], type=lambda s: [int(n) for n in s.split(',')],
+                        help='also keep the checkpoint after these epochs, e.g. 2,4,8 (checkpoint-epochN.pth), for '
+                             'evaluating the encoder along the schedule')
     return parser
 
 
@@ -886,15 +889,18 @@ def validate_args(args):
             fail(f'--epochs {args.epochs} disagrees with --stage_epochs {args.stage_epochs} '
                  f'({sum(args.stage_epochs)} in all): give one of them')
         args.epochs = sum(args.stage_epochs)
-        return
-    args.epochs = 200 if args.epochs is None else args.epochs
-    if args.epochs < 1:
-        fail(f'--epochs {args.epochs} must be at least 1')
-    if args.epochs < args.stages:
-        fail(f'--epochs {args.epochs} is fewer than --stages {args.stages}')
-    # an even split; the last stages take the remainder
-    args.stage_epochs = [args.epochs // args.stages + (s >= args.stages - args.epochs % args.stages)
-                         for s in range(args.stages)]
+    else:
+        args.epochs = 200 if args.epochs is None else args.epochs
+        if args.epochs < 1:
+            fail(f'--epochs {args.epochs} must be at least 1')
+        if args.epochs < args.stages:
+            fail(f'--epochs {args.epochs} is fewer than --stages {args.stages}')
+        # an even split; the last stages take the remainder
+        args.stage_epochs = [args.epochs // args.stages + (s >= args.stages - args.epochs % args.stages)
+                             for s in range(args.stages)]
+    if not all(1 <= epoch <= args.epochs for epoch in args.save_epochs):
+        fail(f'--save_epochs {",".join(map(str, args.save_epochs))}: each must be an epoch of this run (1 to '
+             f'{args.epochs})')
 
 
 def check_device(name):
@@ -1207,10 +1213,12 @@ def end_epoch(run, epoch, row):
                 rows, caption = raw_model.visualize(run.vis_imgs, pred, mask, targets)
             save_figure(rows, caption, run.out / f'vis-epoch{epoch:04d}.png')
         # The checkpoint first, holding its row: the log never shows an epoch that no checkpoint covers.
-        save_checkpoint(dict(model=raw_model.state_dict(), optimizer=run.optimizer.state_dict(), epoch=epoch + 1,
-                             step=0, stage=run.stage, teacher=raw_model.teacher_state(run.teacher), args=vars(args),
-                             identity=run_identity(args, PRETRAIN_IDENTITY), log_row=row),
-                        run.out / 'checkpoint-last.pth')
+        state = dict(model=raw_model.state_dict(), optimizer=run.optimizer.state_dict(), epoch=epoch + 1, step=0,
+                     stage=run.stage, teacher=raw_model.teacher_state(run.teacher), args=vars(args),
+                     identity=run_identity(args, PRETRAIN_IDENTITY), log_row=row)
+        if epoch + 1 in args.save_epochs:  # kept before checkpoint-last: a kill between the two redoes this epoch
+            save_checkpoint(state, run.out / f'checkpoint-epoch{epoch + 1}.pth')
+        save_checkpoint(state, run.out / 'checkpoint-last.pth')
         with open(run.out / 'log.jsonl', 'a') as f:
             f.write(json.dumps(row) + '\n')
         tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))

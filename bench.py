@@ -13,9 +13,11 @@ Method `hf_vitmae` is HF transformers' ViTMAEForPreTraining in the same configur
 installed (it is not a requirement of this project).
 """
 
+import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -46,14 +48,12 @@ class HFViTMAE(nn.Module):
         return out.loss, out.logits, out.mask
 
 
-def available_methods():
-    methods = sorted(train.METHODS)
+def hf_available():
     try:
         import transformers  # noqa: F401
-        methods.append('hf_vitmae')
+        return True
     except ImportError:
-        pass
-    return methods
+        return False
 
 
 def median_seconds(fn, device, warmup, steps):
@@ -148,25 +148,71 @@ def bench_loader(args, device):
                 worker_ms_per_image=None if args.gpu_data else round(worker_ms_per_image(run.dataset), 3))
 
 
-def main():
+# The train.py flags a benchmark uses: the model, the method's teachers, the optimizer, the device and the loader.
+# The others (schedule, output, resume, ...) are hidden from --help and refused when given.
+TRAIN_FLAGS_USED = {
+    'model', 'img_size', 'patch_size', 'decoder_dim', 'decoder_depth', 'decoder_heads', 'mask_ratio', 'norm_pix_loss',
+    'drop_path', 'teacher', 'clip_model', 'clip_weights', 'clip_quick_gelu', 'dino_model', 'dino_weights',
+    'mimic_weight', 'focused_mimic', 'fusion_layers', 'teacher_depth', 'weight_decay', 'betas', 'opt_eps',
+    'batch_size', 'device', 'precision', 'compile', 'data', 'data_dir', 'num_workers', 'gpu_data', 'decode_on_device'}
+
+
+def get_args_parser():
     parser = train.get_args_parser()
-    parser.description = 'Benchmark of one training step per method (model flags as in train.py)'
-    parser.add_argument('--methods', default=None, help='comma-separated (default: all available)')
+    parser.prog = 'bench.py'
+    parser.description = 'Benchmark of one training step per method, and of the input pipeline (model flags as in ' \
+                         'train.py)'
+    for action in parser._actions:  # argparse has no public way to hide a parent's flag
+        if action.dest not in TRAIN_FLAGS_USED | {'help'}:
+            action.help = argparse.SUPPRESS
+    parser.add_argument('--methods', default=None,
+                        help=f'comma-separated, of {", ".join(sorted(train.METHODS) + ["hf_vitmae"])} (default: all; '
+                             f'hf_vitmae needs transformers, which this project does not require)')
     parser.add_argument('--steps', default=10, type=int, help='timed steps (median reported)')
     parser.add_argument('--warmup_steps', default=3, type=int)
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')
     parser.set_defaults(data=None, batch_size=64)
+    return parser
+
+
+def check_args(args, parser):
+    """bench.py's own flags, and no train.py flag that a benchmark would ignore; -> the methods to run."""
+    train_flags = vars(train.get_args_parser().parse_args([]))
+    for flag in sorted(set(train_flags) - TRAIN_FLAGS_USED):
+        if getattr(args, flag) != parser.get_default(flag):
+            train.fail(f'--{flag}: bench.py does not use it (it times single steps on fixed images)')
+    if args.steps < 1 or args.warmup_steps < 0:
+        train.fail(f'--steps {args.steps} must be at least 1 and --warmup_steps {args.warmup_steps} not negative')
+    if args.data_only and args.data is None:
+        train.fail('--data_only measures the input pipeline of --data FOLDER: give --data')
+    known = sorted(train.METHODS) + ['hf_vitmae']
+    methods = [] if args.data_only else args.methods.split(',') if args.methods else known
+    for method in methods:
+        if method not in known:
+            train.fail(f'--methods: {method!r} is not a method (choose from {", ".join(known)})')
+    if 'hf_vitmae' in methods and not hf_available():
+        print('skipping hf_vitmae: transformers is not installed (pip install transformers to compare with it)',
+              file=sys.stderr)
+        methods.remove('hf_vitmae')
+    return methods
+
+
+def main():
+    parser = get_args_parser()
     args = parser.parse_args()
+    methods = check_args(args, parser)
     train.validate_args(args)
     device = torch.device(args.device)
-    if args.clip_weights is None and args.dino_weights is None:  # MR-MAE's teachers, randomly initialised
-        args.clip_weights, args.dino_weights = teachers.save_standin_weights(tempfile.mkdtemp(), args.clip_model,
-                                                                          args.dino_model)
-    peak_flops = train.measured_peak_flops(device) if device.type == 'cuda' else None
-    methods = [] if args.data_only else args.methods.split(',') if args.methods else available_methods()
-    teacher_flag = args.teacher  # bench_method sets args.teacher per method
-    results = [bench_method(m, args, device, peak_flops, teacher_flag) for m in methods]
+    with tempfile.TemporaryDirectory() as standins:  # removed at the end, whatever happens
+        mimicking = any(m.startswith('mr') for m in methods)
+        if mimicking and args.clip_weights is None and args.dino_weights is None:
+            # MR-MAE's teachers, randomly initialised: speed does not depend on the weights
+            args.clip_weights, args.dino_weights = teachers.save_standin_weights(standins, args.clip_model,
+                                                                              args.dino_model)
+        peak_flops = train.measured_peak_flops(device) if device.type == 'cuda' else None
+        teacher_flag = args.teacher  # bench_method sets args.teacher per method
+        results = [bench_method(m, args, device, peak_flops, teacher_flag) for m in methods]
     if args.data:
         results.append(bench_loader(args, device))
     if args.json:

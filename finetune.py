@@ -130,9 +130,13 @@ def validate_args(args):
     if args.clip_grad is not None and args.clip_grad <= 0:
         fail(f'--clip_grad {args.clip_grad} must be positive (leave it out for no clipping)')
     train.check_device(args.device)
-    if args.export_timm:
+    if args.export_timm:  # its folder is made now, so that a bad path fails before training, not after
         folder = Path(args.export_timm).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f'--export_timm {args.export_timm}: cannot make its folder {folder} ({e.strerror})')
+        if not os.access(folder, os.W_OK):
             fail(f'--export_timm {args.export_timm}: cannot write into {folder}')
     if args.checkpoint != 'none' and not Path(args.checkpoint).is_file():
         fail(f'--checkpoint {args.checkpoint}: no such file (or none, to train from scratch)')
@@ -267,7 +271,7 @@ def export_timm(model, encoder, path):
     (timm and the Hugging Face hub load it natively, and it holds no pickle); any other, torch.save's."""
     state = {k.removeprefix('encoder.'): v for k, v in model.state_dict().items()} if model else encoder.state_dict()
     path = Path(path)
-    if path.suffix == '.safetensors':
+    if path.suffix.lower() == '.safetensors':  # model.SAFETENSORS too: the name promises no pickle inside
         state = {k: v.detach().contiguous() for k, v in state.items()}
         train.save_checkpoint(state, path, write=lambda tensors, f: f.write(safetensors.torch.save(tensors)))
     else:
@@ -339,11 +343,12 @@ def linear_on_features(train_x, train_y, val_x, val_y, num_classes, args):
     generator = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = max(1, len(train_x) // args.batch_size)
     total_steps = args.epochs * steps_per_epoch
+    warmup = train.warmup_steps(args.warmup_epochs, args.epochs, steps_per_epoch)
     for step in range(total_steps):
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
         for group in optimizer.param_groups:
-            group['lr'] = train.lr_at(step, total_steps, args.warmup_epochs * steps_per_epoch, peak_lr, args.min_lr)
+            group['lr'] = train.lr_at(step, total_steps, warmup, peak_lr, args.min_lr)
         batch = order[step % steps_per_epoch * args.batch_size:][:args.batch_size]
         F.cross_entropy(head(train_x[batch]), train_y[batch]).backward()
         optimizer.step()
@@ -481,6 +486,7 @@ def set_up_training(run):
         print(f'{args.mode} {args.method}/{args.model} from {args.checkpoint}: {run.num_classes} classes, '
               f'{len(run.train_set)} training images, effective batch {run.eff_batch}, peak lr {run.peak_lr:.3g}')
     run.steps_per_epoch = len(run.loader)
+    run.warmup_steps = train.warmup_steps(args.warmup_epochs, args.epochs, run.steps_per_epoch, run.is_main)
     run.last_row = run.ckpt.get('log_row') if run.ckpt else None  # the log's last row, kept in every checkpoint
 
 
@@ -488,7 +494,7 @@ def train_one_epoch(run, epoch):
     """One epoch of fine-tuning or linear probing, from the step a signal stopped it at if it did. -> the epoch's log
     row (validation included), or None when a signal stops the run (its exact position is then in the checkpoint)."""
     args, ckpt, device = run.args, run.ckpt, run.device
-    total_steps, warmup_steps = args.epochs * run.steps_per_epoch, args.warmup_epochs * run.steps_per_epoch
+    total_steps = args.epochs * run.steps_per_epoch
     resuming_mid_epoch = ckpt and ckpt['step'] and epoch == run.start_epoch  # an epoch a signal interrupted
     first_step = ckpt['step'] if resuming_mid_epoch else 0
     if resuming_mid_epoch:
@@ -507,7 +513,7 @@ def train_one_epoch(run, epoch):
     progress = tqdm(batches, desc=f'epoch {epoch}', initial=first_step, total=run.steps_per_epoch,
                     disable=not run.is_main)
     for step, (imgs, labels) in enumerate(progress, start=first_step):
-        lr = train.lr_at(epoch * run.steps_per_epoch + step, total_steps, warmup_steps, run.peak_lr, args.min_lr)
+        lr = train.lr_at(epoch * run.steps_per_epoch + step, total_steps, run.warmup_steps, run.peak_lr, args.min_lr)
         for group in run.optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)

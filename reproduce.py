@@ -17,6 +17,7 @@ on its own.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -66,7 +67,9 @@ def get_args_parser():
     parser.add_argument('--curve', action='store_true',
                         help='instead of the table: MAE and dBOT pre-trained for a longer schedule, each encoder '
                              'evaluated frozen at points along it (the learning curve; OUTPUT_DIR/curve/)')
-    parser.add_argument('--output_dir', default='results', help='the table, records, figures, teacher encoders')
+    parser.add_argument('--output_dir', default=None,
+                        help='the table, records, figures, teacher encoders (default: output/reproduce-BUDGET/results; '
+                             'the committed records are in results/, give --output_dir results to continue them)')
     parser.add_argument('--work_dir', default=None, help='checkpoints and logs of every run (default: '
                                                          'output/reproduce-BUDGET; not for git)')
     parser.add_argument('--model', default='vit_tiny')
@@ -137,7 +140,29 @@ def frozen_summary(out):
     return {key: rows[-1][key] for key in keys}
 
 
-def execute(run, records):
+def data_fingerprint(root):
+    """What makes two data folders the same data set wherever they lie: class and image counts, and a digest of every
+    image file's path (relative to the root) and size."""
+    root = Path(root)
+    files = sorted(str(path.relative_to(root)) + f':{path.stat().st_size}' for split in ('train', 'val')
+                   for path in (root / split).rglob('*') if path.is_file())
+    count = lambda split: sum(line.startswith(split + '/') for line in files)  # noqa: E731
+    return dict(classes=sum(path.is_dir() for path in (root / 'train').iterdir()), train_images=count('train'),
+                val_images=count('val'), files_sha256=hashlib.sha256('\n'.join(files).encode()).hexdigest()[:16])
+
+
+def check_records_are_of(data, *folders):
+    """A records folder holds one data set's runs: a record of another (or of none named) would be skipped as
+    finished and printed as this data's row."""
+    for folder in folders:
+        for path in sorted(folder.glob('*.json')):
+            theirs = json.loads(path.read_text()).get('data')
+            if theirs != data:
+                train.fail(f'{path} is a record of another data set ({theirs or "none named"}) than --data '
+                           f'({data}): give another --output_dir, or the data set those records were made from')
+
+
+def execute(run, records, data):
     """The run (resuming it where a sitting left it), then its record: the numbers, the command, the wall-clock over
     every sitting that worked on it, the threads and the machine. -> False when a signal stopped it."""
     record = records / f'{run.name}.json'
@@ -154,7 +179,7 @@ def execute(run, records):
     for step in run.after:
         step(run)
     record.write_text(json.dumps(dict(
-        run=run.name, command=run.command(), seconds=round(seconds, 1), **summary,
+        run=run.name, command=run.command(), data=data, seconds=round(seconds, 1), **summary,
         omp_num_threads=os.environ.get('OMP_NUM_THREADS'), torch_threads=torch.get_num_threads(),
         machine=machine(), finished=datetime.now(timezone.utc).isoformat(timespec='seconds')), indent=1) + '\n')
     print(f'finished {run.name}: {record}')
@@ -343,13 +368,18 @@ def top1_chart(records, path):
     """Top-1 of every encoder by every evaluation, as grouped horizontal bars."""
     rows = [row for row in TARGETS if f'{row}-frozen' in records]
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.55 * len(rows)))
-    for i, (label, kind, key) in enumerate((('k-NN', 'frozen', 'knn_acc1'), ('linear probe', 'frozen', 'linear_acc1'),
-                                            ('fine-tune', 'finetune', 'top1'))):
+    labels = ('k-NN', 'linear classifier on cached frozen features', 'fine-tune')
+    for i, (label, kind, key) in enumerate(zip(labels, ('frozen', 'frozen', 'finetune'),
+                                               ('knn_acc1', 'linear_acc1', 'top1'))):
         done = [(r, records[f'{row}-{kind}'][key]) for r, row in enumerate(rows) if f'{row}-{kind}' in records]
         if done:  # an evaluation not run (yet) gets no bar, not a bar at 0
             positions, values = zip(*done)
             bars = ax.barh([r + (i - 1) * 0.27 for r in positions], values, height=0.27, label=label)
             ax.bar_label(bars, fmt='%.1f', fontsize=7, padding=2)
+    classes = {record['data']['classes'] for record in records.values() if 'data' in record}
+    if len(classes) == 1:  # what guessing scores: the floor every bar is read against
+        chance = 100 / classes.pop()
+        ax.axvline(chance, color='black', linestyle=':', label=f'chance ({chance:.0f} %)')
     ax.set_yticks(range(len(rows)), rows)
     ax.invert_yaxis()
     ax.set_xlabel('top-1 accuracy on the validation images (%)')
@@ -370,7 +400,7 @@ def loss_chart(results, path):
              for path in (results / 'logs' / 'steps').glob('*.jsonl')}
     columns = min(3, len(logs))
     rows_of_panels = -(-len(logs) // columns)
-    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(3.4 * columns, 2.9 * rows_of_panels), squeeze=False)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(3.4 * columns, 4.3 * rows_of_panels), squeeze=False)
     for ax in axes.flat[len(logs):]:
         ax.axis('off')
     for ax, (name, rows) in zip(axes.flat, logs.items()):
@@ -406,7 +436,8 @@ def loss_panel(ax, name, rows, windows):
     ax.set_title(name)
     ax.set_xlabel('epoch (points: each epoch\'s mean)')
     ax.set_ylabel('training loss')
-    ax.legend(fontsize=7)
+    # below the panel, not over the curves
+    ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.22), frameon=False)
 
 
 def write_report(args, budget, results):
@@ -415,7 +446,7 @@ def write_report(args, budget, results):
     (results / 'results.md').write_text(text)
     top1_chart(records, results / 'top1.png')
     loss_chart(results, results / 'pretrain_loss.png')
-    print(text)
+    print(f'from the {len(records)} records in {results / "runs"}:\n{text}')
 
 
 def random_init_band(records, seed):
@@ -467,7 +498,7 @@ def write_curve_report(args, budget, results, curve):
     text = curve_table(records, epochs, band) + '\n' + machines(records)
     (curve / 'curve.md').write_text(text)
     curve_chart(records, epochs, band, curve / 'curve.png')
-    print(text)
+    print(f'from the {len(records)} records in {curve / "runs"}:\n{text}')
 
 
 def main(args):
@@ -475,15 +506,21 @@ def main(args):
     if args.curve and not budget['curve']:
         train.fail(f'--curve: the {args.budget} budget has no learning curve (it is defined for '
                    f'{", ".join(name for name, b in BUDGETS.items() if b["curve"])})')
-    results, work = Path(args.output_dir), Path(args.work_dir or f'output/reproduce-{args.budget}')
+    for split in ('train', 'val'):
+        if not (Path(args.data) / split).is_dir():
+            train.fail(f'--data {args.data}: no {split}/ folder (an ImageFolder root with train/ and val/ is needed)')
+    work = Path(args.work_dir or f'output/reproduce-{args.budget}')
+    results = Path(args.output_dir or work / 'results')
     curve = results / 'curve'
     base = curve if args.curve else results
+    data = data_fingerprint(args.data)
+    check_records_are_of(data, results / 'runs', curve / 'runs')
     for folder in ('runs', 'logs', 'figures') + ('encoders',) * (not args.curve):
         (base / folder).mkdir(parents=True, exist_ok=True)
     runs = curve_plan(args, budget, curve, work) if args.curve else plan(args, budget, results, work)
     (base / 'commands.txt').write_text(''.join(run.command() + '\n' for run in runs))
     for run in runs:
-        if not execute(run, base / 'runs'):
+        if not execute(run, base / 'runs', data):
             print(f'stopped in {run.name}; the same command continues it')
             break
     if args.curve:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
+import torchvision
 from PIL import Image
 
 import finetune
@@ -155,7 +157,7 @@ def cases(w):
         ev(w['mae'], '--img_size', '0'), ev(w['mae'], '--patch_size', '0'), ev(w['mae'], '--device', 'bogus'),
         ev(w['mae'], '--device', 'cuda') if not torch.cuda.is_available() else ev(w['mae'], '--device', 'cuda:99'),
         ev(w['mae'], '--mode', 'bogus'), ev(w['mae'], '--model', 'vit_giant'), ev(w['mae'], '--aa', 'bogus'),
-        ev(w['mae'], '--export_timm', '/nonexistent/dir/x.pth'), ev(w['mcmae'], '--export_timm', str(r / 'x.pth')),
+        ev(w['mae'], '--export_timm', str(w['file'] / 'dir' / 'x.pth')), ev(w['mcmae'], '--export_timm', str(r / 'x.pth')),
         ev(w['mcmae'], '--mode', 'linprobe', '--pool', 'cls'), ev(w['mae'], '--clip_grad', '0'),
         ['--checkpoint', str(w['mae']), '--data', str(w['no_val']), *EVALUATE],
         ['--checkpoint', str(w['mae']), '--data', str(w['val_missing_class']), *EVALUATE, '--mode', 'knn'],
@@ -226,6 +228,12 @@ def test_inputs_readme_calls_valid_work_correctly(world, capfd):
                                 '--output_dir', str(root / 'export_run'), '--export_timm', str(exported)])[0] == 'ran'
     assert attempt('finetune', ['--checkpoint', str(exported), '--data', str(world['data']), *EVALUATE,
                                 '--output_dir', str(root / 'refine')])[0] == 'ran'
+    # --export_timm into a folder that does not exist yet, with the extension in capitals: safetensors, no pickle
+    exported = root / 'new' / 'folder' / 'encoder.SAFETENSORS'
+    assert attempt('finetune', ['--checkpoint', str(world['mae']), '--data', str(world['data']), *EVALUATE, '--mode',
+                                'knn', '--output_dir', str(root / 'export_new'), '--export_timm', str(exported)])[0] \
+        == 'ran'
+    assert 'cls_token' in safetensors.torch.load_file(exported)
 
 
 def test_a_folder_in_use_by_another_run_is_refused(world):
@@ -315,3 +323,13 @@ def test_readme_timm_snippet_runs_outside_the_repository(world, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     result = subprocess.run([sys.executable, '-c', snippet], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-1500:]
+
+
+def test_offline_cifar_names_the_folder_torchvision_reads(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError('no network')
+
+    monkeypatch.setattr(torchvision.datasets.cifar, 'download_and_extract_archive', offline)
+    kind, message = attempt('train', ['--data', 'cifar100', '--data_dir', str(tmp_path), *PRETRAIN, '--output_dir',
+                                      str(tmp_path / 'out')])
+    assert kind == 'refused' and str(tmp_path / 'cifar-100-python') in message

@@ -1,9 +1,13 @@
 """bench.py runs on the CPU and prints one JSON object per method with the documented fields."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def test_bench_json_on_cpu(image_folder):
@@ -39,3 +43,33 @@ def test_bench_data_only_per_pipeline(image_folder):
     assert set(rows) == {'loader:workers', 'loader:decode_on_device', 'loader:gpu_data'}
     assert all(row['img_per_s'] > 0 for row in rows.values())
     assert rows['loader:decode_on_device']['worker_ms_per_image'] < rows['loader:workers']['worker_ms_per_image']
+
+
+def test_bench_leaves_tmp_as_it_found_it_and_skips_a_peer_whose_package_is_missing(tmp_path):
+    """MR-MAE's stand-in teachers (hundreds of MB at ViT-B) live in a temporary folder that is removed; hf_vitmae
+    without transformers is one line, not a traceback."""
+    (tmp_path / 'tmp').mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp_path / 'tmp'))
+    # importing torchvision makes torch's (empty) compile-cache folder there: that much any torch program leaves
+    subprocess.run([sys.executable, '-c', 'import bench'], cwd=Path(__file__).parent, env=env, check=True)
+    imports_leave = sorted((tmp_path / 'tmp').rglob('*'))
+    result = subprocess.run(
+        [sys.executable, 'bench.py', '--device', 'cpu', '--json', '--methods', 'mrmae,hf_vitmae', '--batch_size', '2',
+         '--steps', '1', '--warmup_steps', '0', '--clip_model', 'ViT-S-16', '--dino_model',
+         'vit_small_patch16_224.dino'], cwd=Path(__file__).parent, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted((tmp_path / 'tmp').rglob('*')) == imports_leave
+    methods = [json.loads(line)['method'] for line in result.stdout.splitlines() if line.startswith('{')]
+    if importlib.util.find_spec('transformers') is None:
+        assert methods == ['mrmae'] and 'skipping hf_vitmae: transformers is not installed' in result.stderr
+    else:
+        assert methods == ['mrmae', 'hf_vitmae']
+
+
+@pytest.mark.parametrize('argv', [['--methods', 'foo'], ['--methods', 'mae,,dbot'], ['--steps', '0'],
+                                  ['--warmup_steps', '-1'], ['--data_only'], ['--epochs', '5'], ['--resume', 'x.pth']])
+def test_bench_refuses_flags_it_cannot_honour_in_one_line(argv):
+    result = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', *argv], cwd=Path(__file__).parent,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, \
+        result.stderr[-500:]

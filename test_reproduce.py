@@ -3,7 +3,10 @@ commands; a second sitting skips finished runs and a stopped one continues where
 
 import contextlib
 import json
+import shutil
+from pathlib import Path
 
+import pytest
 import torch
 
 import reproduce
@@ -84,3 +87,24 @@ def test_learning_curve_keeps_checkpoints_along_one_schedule_and_evaluates_each(
     table = (curve / 'curve.md').read_text()
     assert table.count('| mae |') == len(points) and (curve / 'curve.png').stat().st_size > 0
     assert 'random-init' not in table  # no band without the table's random-init records: none invented
+
+
+def snapshot(folder):
+    return {path: path.read_bytes() for path in sorted(folder.rglob('*')) if path.is_file()}
+
+
+def test_another_data_set_never_touches_or_prints_the_committed_records(image_folder, tmp_path, monkeypatch):
+    committed = Path(reproduce.__file__).parent / 'results'
+    before = snapshot(committed)
+    parse = reproduce.get_args_parser().parse_args
+    with pytest.raises(SystemExit, match='^error: --data /does/not/exist: no train/ folder'):
+        reproduce.main(parse(['--data', '/does/not/exist', '--budget', 'smoke']))
+    # the default output is the work folder's, not results/: a sitting stopped at once writes an empty table there
+    monkeypatch.setattr(reproduce, 'execute', lambda run, records, data: False)
+    reproduce.main(parse(['--data', str(image_folder), '--budget', 'smoke', '--work_dir', str(tmp_path / 'work')]))
+    assert (tmp_path / 'work' / 'results' / 'results.md').exists()
+    # the committed records, copied elsewhere, are of Tiny-ImageNet-50: refused for another data set, in one line
+    shutil.copytree(committed, tmp_path / 'copy')
+    with pytest.raises(SystemExit, match=r'^error: .*\.json is a record of another data set \(.*\) than --data'):
+        reproduce.main(parse(['--data', str(image_folder), '--output_dir', str(tmp_path / 'copy')]))
+    assert snapshot(committed) == before

@@ -54,6 +54,17 @@ def test_lr_schedule_warmup_then_half_cosine():
     assert train.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
 
 
+def test_a_warmup_as_long_as_the_run_is_scaled_down_and_announced(image_folder, tmp_path, capsys):
+    assert train.warmup_steps(1, 2, 100) == 100  # shorter than the schedule: as asked
+    assert train.warmup_steps(10, 2, 100) == 10  # the default 10 on a 2-epoch run: 5 % of its 200 steps
+    assert 'warming up over 10 of their 200 steps' in capsys.readouterr().out
+    # a short run with the default --warmup_epochs 10 reaches its peak lr and says so, in every stage of dBOT
+    rows = run(image_folder, tmp_path, '--method', 'dbot', '--epochs', '2', '--warmup_epochs', '10')
+    assert capsys.readouterr().out.count('would never reach its peak') == 2
+    peak = 1.5e-4 * 4 / 256  # the default --blr at batch 4; 4 steps per stage, warm-up round(0.2) = 0 steps
+    assert [row['lr'] for row in rows] == pytest.approx([train.lr_at(3, 4, 0, peak)] * 2)  # not 3/40 of the peak
+
+
 def test_weight_decay_skips_biases_norms_and_tokens():
     from mae import MAE
     model = MAE(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, decoder_dim=32, decoder_depth=1)

@@ -618,9 +618,9 @@ def build_dataset(args, split, transform, folder_class=None):
         try:
             return cifar(args.data_dir, train=split == 'train', transform=transform, download=True)
         except OSError as e:  # URLError is an OSError: no network, or the server refused
-            fail(f'could not download {args.data} into {args.data_dir} ({e}). Without a network, put the '
-                 f'extracted python version of the data set (https://www.cs.toronto.edu/~kriz/cifar.html) '
-                 f'into {args.data_dir}, or pass --data FOLDER')
+            fail(f'could not download {args.data} into {args.data_dir} ({e}). Without a network, extract the '
+                 f'python version of the data set (https://www.cs.toronto.edu/~kriz/cifar.html) so that '
+                 f'{Path(args.data_dir) / cifar.base_folder} holds its batches, or pass --data FOLDER')
     root = Path(args.data)
     if not root.is_dir():
         fail(f'--data {root}: no such folder (expected cifar10, cifar100, or an ImageFolder root)')
@@ -663,6 +663,20 @@ def broadcast_parameters(module):
     if dist.is_initialized():
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
+
+
+def warmup_steps(warmup_epochs, epochs, steps_per_epoch, announce=True):
+    """Linear warm-up over --warmup_epochs, unless that is not shorter than the schedule it starts (a short run with
+    the default 10): the lr would never reach its peak. Then the warm-up is 5 % of the schedule, MAE's ratio (40 of
+    800 pre-training epochs, 5 of 100 fine-tuning), and the run says so."""
+    if warmup_epochs < epochs:
+        return warmup_epochs * steps_per_epoch
+    steps = round(0.05 * epochs * steps_per_epoch)
+    if announce:
+        print(f'note: --warmup_epochs {warmup_epochs} is not shorter than the {epochs} epoch(s) it would warm up, so '
+              f'the lr would never reach its peak: warming up over {steps} of their {epochs * steps_per_epoch} steps '
+              f'(5 %, MAE\'s ratio) instead')
+    return steps
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
@@ -1039,7 +1053,8 @@ def set_up(args):
     if run.is_main:
         announce(run)
     run.stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
-    run.warmup_steps = args.warmup_epochs * run.steps_per_epoch
+    run.warmup_steps = [warmup_steps(args.warmup_epochs, epochs, run.steps_per_epoch, run.is_main)
+                        for epochs in args.stage_epochs]  # each stage warms up afresh
     run.last_row = run.ckpt.get('log_row') if run.ckpt else None  # the log's last row, kept in every checkpoint
     return run
 
@@ -1145,7 +1160,7 @@ def train_one_epoch(run, epoch):
     bar = tqdm(total=run.steps_per_epoch, initial=first_step, desc=f'epoch {epoch}', disable=not run.is_main,
                dynamic_ncols=True)
     for step in range(first_step, run.steps_per_epoch):
-        lr = lr_at(step_in_stage + step, stage_steps, run.warmup_steps, run.peak_lr)
+        lr = lr_at(step_in_stage + step, stage_steps, run.warmup_steps[run.stage], run.peak_lr)
         for group in run.optimizer.param_groups:
             group['lr'] = lr
         loss = accumulate_gradients(run, batches)

@@ -475,6 +475,7 @@ def set_up_training(run):
         train.load_state(run.raw_model, run.ckpt['model'], run.resume)
         train.load_state(run.optimizer, run.ckpt['optimizer'], f'the optimizer state in {run.resume}')
         run.start_epoch, run.best_acc1 = run.ckpt['epoch'], run.ckpt['best_acc1']
+        run.ckpt = {key: value for key, value in run.ckpt.items() if key not in ('model', 'optimizer')}  # restored
         if run.is_main:
             print(f'resumed from {run.resume} at epoch {run.start_epoch}, step {run.ckpt["step"]}')
             train.restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch,

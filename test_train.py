@@ -38,12 +38,36 @@ def test_rerun_in_same_dir_resumes(image_folder, tmp_path, capsys):
     rows = run(image_folder, tmp_path, '--epochs', '2')
     assert 'resumed from' in capsys.readouterr().out
     assert [row['epoch'] for row in rows] == [0, 1]
+    # once restored, the checkpoint's weights are not held a second time for the rest of the run
+    args = train.get_args_parser().parse_args(['--data', str(image_folder), '--output_dir', str(tmp_path), '--model',
+                                               'vit_tiny', '--img_size', '32', '--patch_size', '8', '--decoder_dim',
+                                               '32', '--decoder_depth', '1', '--batch_size', '4', '--epochs', '3',
+                                               '--num_workers', '0', '--device', 'cpu'])
+    train.validate_args(args)
+    resumed = train.set_up(args)
+    assert resumed.start_epoch == 2 and not {'model', 'optimizer', 'teacher'} & set(resumed.ckpt)
 
 
-def test_accumulation_steps_per_optimizer_step(image_folder, tmp_path):
-    # 16 images, batch 4, accum 2: two optimizer steps per epoch; the loop must consume every micro-batch.
-    rows = run(image_folder, tmp_path, '--accum_iter', '2', '--epochs', '1')
-    assert len(rows) == 1 and rows[0]['loss'] > 0
+def test_accumulation_logs_the_loss_of_every_micro_batch(image_folder, tmp_path):
+    """The official MAE recipe's --accum_iter: batch 8 x 2 micro-batches is batch 16 in one, on the same images with
+    the same masks (the CPU generator draws two 8-row mask noises as one 16-row one), so the logged loss, its terms
+    and steps.jsonl must agree; they were 1/K of it when only the last micro-batch's loss was returned."""
+    logs = {}
+    for batch, accum in ((16, 1), (8, 2), (4, 4)):
+        out = tmp_path / f'mae-{batch}x{accum}'
+        logs[accum] = run(image_folder, out, '--batch_size', str(batch), '--accum_iter', str(accum), '--epochs', '1')
+        windows = [json.loads(line) for line in (out / 'steps.jsonl').read_text().splitlines()]
+        assert [w['loss'] for w in windows] == pytest.approx([logs[accum][0]['loss']], rel=1e-6)
+    assert logs[2][0]['loss'] == pytest.approx(logs[1][0]['loss'], rel=1e-5)
+    assert logs[4][0]['loss'] == pytest.approx(logs[1][0]['loss'], rel=1e-5)
+    # MR-MAE's terms (mimicking the MAE encoder just trained): every term covers every micro-batch too
+    teacher = str(tmp_path / 'mae-16x1' / 'checkpoint-last.pth')
+    rows = {accum: run(image_folder, tmp_path / f'mrmae-{accum}', '--method', 'mrmae', '--teacher', teacher,
+                       '--batch_size', str(16 // accum), '--accum_iter', str(accum), '--epochs', '1')[0]
+            for accum in (1, 2)}
+    terms = [key for key in rows[1] if key.startswith('loss')]
+    assert len(terms) == 3 and [rows[2][key] for key in terms] == pytest.approx([rows[1][key] for key in terms],
+                                                                                rel=1e-5)
 
 
 def test_lr_schedule_warmup_then_half_cosine():

@@ -687,15 +687,16 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def forward_backward(model, teacher, imgs, mask_ratio, autocast, loss_scale=1.0):
-    """One micro-batch: the frozen teacher's targets without autograd, then the model's loss and its gradients.
+def forward_backward(model, teacher, imgs, mask_ratio, autocast, share=1.0):
+    """One micro-batch: the frozen teacher's targets without autograd, then the model's loss and its gradients, those
+    weighted by the micro-batch's share of the optimizer step (1 / --accum_iter).
     no_grad, not inference_mode: a compiled student may save the targets for its backward pass (dBOT whitens them
     inside the graph), and autograd refuses to save inference tensors."""
     with torch.no_grad(), autocast:
         targets = teacher(imgs) if teacher is not None else None
     with autocast:
         loss, _, _ = model(imgs, mask_ratio, targets=targets)
-    (loss * loss_scale).backward()
+    (loss * share).backward()
     return loss
 
 
@@ -1034,6 +1035,8 @@ def set_up(args):
     run.start_epoch, run.stage = 0, 0
     if run.ckpt:
         restore_checkpoint(run)
+        # the weights live in the model and optimizer now: keep the position, not a second copy for the whole run
+        run.ckpt = {key: value for key, value in run.ckpt.items() if key not in ('model', 'optimizer', 'teacher')}
     if run.start_epoch >= args.epochs:
         if run.is_main:
             print(f'nothing to do: {run.resume} has already trained {run.start_epoch} of {args.epochs} epochs')
@@ -1077,15 +1080,21 @@ def switch_stage(run):
 
 
 def accumulate_gradients(run, batches):
-    """One optimizer step's gradients over --accum_iter micro-batches -> the last micro-batch's loss. DDP all-reduces
-    the gradients only on the last micro-batch."""
+    """One optimizer step's gradients over --accum_iter micro-batches (the mean of their losses', as the official
+    engine_pretrain.py divides each by accum_iter) -> the sum of the micro-batches' losses and of each loss term,
+    detached, on the device: every micro-batch is logged and checked for NaN, not only the last. DDP all-reduces the
+    gradients only on the last micro-batch."""
     args = run.args
+    loss_sum, term_sums = 0, {}
     for micro in range(args.accum_iter):
         imgs = next(batches)[0].to(run.device, non_blocking=True)
         last_micro = micro == args.accum_iter - 1
         with nullcontext() if run.world_size == 1 or last_micro else run.model.no_sync():
             loss = forward_backward(run.model, run.teacher, imgs, args.mask_ratio, run.autocast, 1 / args.accum_iter)
-    return loss
+        loss_sum = loss_sum + loss.detach()
+        for name, value in run.raw_model.loss_terms.items():  # e.g. MR-MAE's reconstruction and mimic terms
+            term_sums[name] = term_sums.get(name, 0) + value
+    return loss_sum, term_sums
 
 
 def save_position(run, epoch, steps_done, loss_sum, term_sums):
@@ -1163,7 +1172,7 @@ def train_one_epoch(run, epoch):
         lr = lr_at(step_in_stage + step, stage_steps, run.warmup_steps[run.stage], run.peak_lr)
         for group in run.optimizer.param_groups:
             group['lr'] = lr
-        loss = accumulate_gradients(run, batches)
+        loss, terms = accumulate_gradients(run, batches)  # sums over the step's micro-batches
         if args.skip_nonfinite and max_over_ranks(~torch.isfinite(loss)):  # opt-in: one host sync per step
             skipped_steps += 1
             if skipped_steps > args.skip_nonfinite:
@@ -1172,8 +1181,8 @@ def train_one_epoch(run, epoch):
             run.optimizer.zero_grad(set_to_none=True)
             continue
         nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(loss), step, nonfinite_step)
-        loss_sum += loss.detach()
-        for name, value in run.raw_model.loss_terms.items():  # e.g. MR-MAE's reconstruction and mimic terms
+        loss_sum += loss
+        for name, value in terms.items():
             term_sums[name] = term_sums.get(name, 0) + value
         if args.clip_grad:
             torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.clip_grad)

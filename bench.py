@@ -24,6 +24,9 @@ import time
 import torch
 import torch.nn as nn
 
+import data
+import flops
+import runtime
 import teachers
 import train
 
@@ -88,7 +91,7 @@ def bench_method(method, args, device, peak_flops, teacher_flag=None):
     flops = train.flops_per_image(model, teacher, args, device)
     optimizer = train.build_optimizer(model, args, 1e-4)
     step_model = torch.compile(model) if args.compile else model
-    autocast = train.autocast_for(args, device)
+    autocast = runtime.autocast_for(args, device)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
 
     def step():
@@ -125,15 +128,14 @@ def worker_ms_per_image(dataset, count=200):
 
 
 def bench_loader(args, device):
-    """Images per second that the input pipeline delivers with no model, on train.py's own loader (build_loader):
+    """Images per second that the input pipeline delivers with no model, on train.py's own loader
+    (data.build_training_images):
     the worker pipeline (decode + augment in --num_workers processes, uint8, normalised on the device), or
     --decode_on_device (workers read bytes; decoding and augmentation on the device), or --gpu_data (decoded once,
     augmented on the device); and what a worker spends per image."""
-    run = train.Run()
-    run.args, run.device, run.rank, run.world_size, run.is_main = args, device, 0, 1, True
-    train.build_loader(run)
-    run.sampler.set_epoch(0)
-    batches = iter(run.loader)
+    images = data.build_training_images(args, rank=0, world_size=1, device=device)
+    images.sampler.set_epoch(0)
+    batches = iter(images.loader)
     next(batches)  # worker start-up is not throughput
     count, begin = 0, time.perf_counter()
     for _, (imgs, _) in zip(range(args.steps), batches):
@@ -145,7 +147,7 @@ def bench_loader(args, device):
     return dict(method=f'loader:{pipeline}', data=args.data, device=str(device), num_workers=args.num_workers,
                 batch_size=args.batch_size, img_per_s=round(count / seconds, 1),
                 img_per_s_per_core=round(count / seconds / max(1, min(args.num_workers, os.cpu_count())), 1),
-                worker_ms_per_image=None if args.gpu_data else round(worker_ms_per_image(run.dataset), 3))
+                worker_ms_per_image=None if args.gpu_data else round(worker_ms_per_image(images.dataset), 3))
 
 
 # The train.py flags a benchmark uses: the model, the method's teachers, the optimizer, the device and the loader.
@@ -181,16 +183,16 @@ def check_args(args, parser):
     train_flags = vars(train.get_args_parser().parse_args([]))
     for flag in sorted(set(train_flags) - TRAIN_FLAGS_USED):
         if getattr(args, flag) != parser.get_default(flag):
-            train.fail(f'--{flag}: bench.py does not use it (it times single steps on fixed images)')
+            runtime.fail(f'--{flag}: bench.py does not use it (it times single steps on fixed images)')
     if args.steps < 1 or args.warmup_steps < 0:
-        train.fail(f'--steps {args.steps} must be at least 1 and --warmup_steps {args.warmup_steps} not negative')
+        runtime.fail(f'--steps {args.steps} must be at least 1 and --warmup_steps {args.warmup_steps} not negative')
     if args.data_only and args.data is None:
-        train.fail('--data_only measures the input pipeline of --data FOLDER: give --data')
+        runtime.fail('--data_only measures the input pipeline of --data FOLDER: give --data')
     known = sorted(train.METHODS) + ['hf_vitmae']
     methods = [] if args.data_only else args.methods.split(',') if args.methods else known
     for method in methods:
         if method not in known:
-            train.fail(f'--methods: {method!r} is not a method (choose from {", ".join(known)})')
+            runtime.fail(f'--methods: {method!r} is not a method (choose from {", ".join(known)})')
     if 'hf_vitmae' in methods and not hf_available():
         print('skipping hf_vitmae: transformers is not installed (pip install transformers to compare with it)',
               file=sys.stderr)
@@ -210,7 +212,7 @@ def main():
             # MR-MAE's teachers, randomly initialised: speed does not depend on the weights
             args.clip_weights, args.dino_weights = teachers.save_standin_weights(standins, args.clip_model,
                                                                               args.dino_model)
-        peak_flops = train.measured_peak_flops(device) if device.type == 'cuda' else None
+        peak_flops = flops.measured_peak_flops(device) if device.type == 'cuda' else None
         teacher_flag = args.teacher  # bench_method sets args.teacher per method
         results = [bench_method(m, args, device, peak_flops, teacher_flag) for m in methods]
     if args.data:

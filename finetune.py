@@ -7,8 +7,9 @@ a timm-format ViT state dict; `--checkpoint none` trains the same architecture f
     python finetune.py --checkpoint output/checkpoint-last.pth --data ... --mode knn
     torchrun --nproc_per_node 8 finetune.py --checkpoint ... --data /path/to/imagenet --img_size 224
 
-The defaults are MAE's recipes for base models (SPEC §5); README gives the small recipe for Tiny-ImageNet. Data,
-distributed set-up, checkpoints and the lr schedule are train.py's.
+The defaults are MAE's recipes for base models (SPEC §5); docs/evaluation.md gives the small recipe for
+Tiny-ImageNet. Read evaluate_encoder first: it is the table of contents. Data sets come from data.py, processes,
+signals and checkpoints from runtime.py (as in train.py), and the lr schedule and the method registry from train.py.
 """
 
 import argparse
@@ -16,10 +17,12 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
@@ -29,10 +32,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import data
+import runtime
 import train
 from mae import VIT_SIZES, ViT, build_vit, encoder_state_dict, read_encoder_state_dict, resize_pos_embed
 from teachers import sha256
-from train import fail
+
 
 # Per mode: MAE's fine-tuning recipe (§A.3: AdamW, layer decay, RandAugment, mixup/cutmix, label smoothing, random
 # erasing) and its linear probe (§A.4, with SGD + momentum instead of LARS). Explicit flags override these.
@@ -51,7 +56,7 @@ def get_args_parser():
     parser.add_argument('--mode', default='finetune', choices=sorted(MODE_DEFAULTS))
     parser.add_argument('--data', required=True, help='as train.py: cifar10, cifar100, or an ImageFolder with val/')
     parser.add_argument('--data_dir', default='./data')
-    parser.add_argument('--num_workers', default=train.default_workers(), type=int, help='as train.py')
+    parser.add_argument('--num_workers', default=data.default_workers(), type=int, help='as train.py')
     # architecture: from the checkpoint; these only for --checkpoint none (or to change the resolution)
     parser.add_argument('--method', default='mae', choices=sorted(train.METHODS),
                         help='--checkpoint none: whose encoder to build (mcmae/mrmcmae: the hybrid)')
@@ -98,66 +103,237 @@ def get_args_parser():
     return parser
 
 
-def validate_args(args):
-    """Every flag checked before any work starts: a bad one ends the run in one line naming it."""
-    for key, value in MODE_DEFAULTS[args.mode].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.output_dir = args.output_dir or f'./output/{args.mode}'
-    positive = ['batch_size', 'knn_k', 'nb_classes', 'img_size', 'patch_size'] + (['epochs'] * (args.mode != 'knn'))
-    for flag in positive:
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            hint = ' (--mode knn evaluates without training)' if flag == 'epochs' else ''
-            fail(f'--{flag} {getattr(args, flag)} must be at least 1{hint}')
-    for flag in ('warmup_epochs', 'num_workers', 'min_lr', 'weight_decay', 'mixup', 'cutmix'):
-        if getattr(args, flag) < 0:
-            fail(f'--{flag} {getattr(args, flag)} must not be negative')
-    for flag in ('blr', 'lr'):
-        if args.mode != 'knn' and getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            fail(f'--{flag} {getattr(args, flag)} must be positive')
-    for flag, low, high in (('layer_decay', 0, 1), ('crop_pct', 0, 1)):
-        if not low < getattr(args, flag) <= high:
-            fail(f'--{flag} {getattr(args, flag)} must lie in ({low}, {high}]')
-    for flag in ('drop_path', 'reprob', 'smoothing'):
-        if not 0 <= getattr(args, flag) < 1:
-            fail(f'--{flag} {getattr(args, flag)} must lie in [0, 1)')
-    if args.knn_t <= 0:
-        fail(f'--knn_t {args.knn_t}: the vote temperature must be positive')
-    try:  # timm asserts on a policy it does not know
-        create_transform(32, is_training=True, auto_augment=args.aa)
-    except (AssertionError, ValueError, KeyError, IndexError) as e:
-        fail(f'--aa {args.aa}: not a policy timm knows ({e}); e.g. rand-m9-mstd0.5')
-    if args.clip_grad is not None and args.clip_grad <= 0:
-        fail(f'--clip_grad {args.clip_grad} must be positive (leave it out for no clipping)')
-    train.check_device(args.device)
-    if args.export_timm:  # its folder is made now, so that a bad path fails before training, not after
-        folder = Path(args.export_timm).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            fail(f'--export_timm {args.export_timm}: cannot make its folder {folder} ({e.strerror})')
-        if not os.access(folder, os.W_OK):
-            fail(f'--export_timm {args.export_timm}: cannot write into {folder}')
-    if args.checkpoint != 'none' and not Path(args.checkpoint).is_file():
-        fail(f'--checkpoint {args.checkpoint}: no such file (or none, to train from scratch)')
+# -----------------------------------------------------------------------------------------------------------------
+# The evaluation: the encoder, then k-NN and the frozen-feature classifier, or every epoch of training
+
+def evaluate_encoder(args):
+    """The run, its flags already checked and its output folder held (main): the encoder and the data, then either
+    k-NN, or set-up and resume, train_one_epoch and end_epoch for every epoch, and the export."""
+    rank, world_size, device = runtime.init_distributed(args.device)
+    run = Run(args, rank, world_size, device, runtime.autocast_for(args, device))
+    torch.manual_seed(args.seed)
+    run.encoder = load_encoder(args)
+    if args.export_timm and type(run.encoder) is not ViT:
+        runtime.fail(f'--export_timm: timm has no {type(run.encoder).__name__}; only ViT encoders export')
+    if args.pool is None:
+        args.pool = 'cls' if run.encoder.num_prefix_tokens else 'mean'
+    if args.pool == 'cls' and not run.encoder.num_prefix_tokens:
+        runtime.fail(f'--pool cls: the {args.method} encoder has no cls token; use --pool mean')
+    build_data(run)
+    run.model = run.raw_model = Classifier(run.encoder, run.num_classes, args.mode, args.pool).to(run.device)
+    if args.mode in ('knn', 'frozen'):
+        return frozen(run)
+    set_up_training(run)
+    for epoch in range(run.start_epoch, args.epochs):
+        runtime.seed_everything(args.seed, epoch, run.rank)  # as train.py: resume without stored RNG state
+        row = train_one_epoch(run, epoch)
+        if row is None:  # stopped by a signal
+            return
+        end_epoch(run, epoch, row)
+    if run.is_main:
+        print(f'best val top-1: {run.best_acc1:.2f}%')
+        if args.export_timm:
+            export_timm(run.raw_model if args.mode == 'finetune' else None, run.encoder, args.export_timm)
 
 
-def run_identity(args):
-    """What makes a fine-tuning checkpoint this run's: the pre-trained file (by content), the mode, the architecture
-    and the data."""
-    identity = train.run_identity(args, ('mode', 'method', 'model', 'img_size', 'patch_size', 'data'))
-    return dict(identity, checkpoint='none' if args.checkpoint == 'none' else f'sha256:{sha256(args.checkpoint)}')
+def train_one_epoch(run, epoch):
+    """One epoch of fine-tuning or linear probing, from the step a signal stopped it at if it did. -> the epoch's log
+    row (validation included), or None when a signal stops the run (its exact position is then in the checkpoint)."""
+    args, device = run.args, run.device
+    total_steps = args.epochs * run.steps_per_epoch
+    first_step, position = runtime.epoch_start(run.ckpt, epoch, run.start_epoch, run.rank, run.world_size, run.resume)
+    loss_sum = position['loss_sum'].to(device) if position else torch.zeros((), device=device)
+    run.sampler.set_epoch(epoch)
+    run.sampler.start = first_step * args.batch_size
+    run.model.train()
+    if args.mode == 'linprobe':
+        run.raw_model.encoder.eval()  # frozen features
+    epoch_start = time.perf_counter()
+    batches = iter(run.loader)  # draws the loader's base seed from the RNG: restore the state after it
+    if position:
+        runtime.restore_rng_states(position['rng_state'], device)
+    stop_vote = runtime.StopVote(first_step, run.world_size)
+    progress = tqdm(batches, desc=f'epoch {epoch}', initial=first_step, total=run.steps_per_epoch,
+                    disable=not run.is_main)
+    for step, (imgs, labels) in enumerate(progress, start=first_step):
+        lr = train.lr_at(epoch * run.steps_per_epoch + step, total_steps, run.warmup_steps, run.peak_lr, args.min_lr)
+        for group in run.optimizer.param_groups:
+            group['lr'] = lr * group.get('lr_scale', 1.0)
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if run.mixup:
+            imgs, labels = run.mixup(imgs, labels)
+        with run.autocast:
+            loss = run.criterion(run.model(imgs), labels)
+        loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.clip_grad)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        if (step + 1) % 50 == 0 or step + 1 == run.steps_per_epoch:  # a host sync: only now and then
+            progress.set_postfix(loss=f'{loss_sum.item() / (step + 1):.4f}', lr=f'{lr:.2e}')
+        if stop_vote.stops_after(step, run.steps_per_epoch):  # checkpoint, exit 0
+            runtime.save_mid_epoch(run_state(run, run.last_row), epoch, step + 1, run.out, run.is_main, device,
+                                   loss_sum=loss_sum)
+            return None
+    train_loss = runtime.all_reduce_mean(loss_sum / run.steps_per_epoch).item()
+    if not math.isfinite(train_loss):
+        runtime.fail(f'training loss is {train_loss} in epoch {epoch}; the last good checkpoint is {run.resume}')
+    seconds = time.perf_counter() - epoch_start
+    return dict(epoch=epoch, train_loss=train_loss, lr=lr,
+                img_per_s=round((run.steps_per_epoch - first_step) * run.eff_batch / seconds, 1),
+                **evaluate(run.model, run.val_loader, device, run.autocast))
+
+
+def end_epoch(run, epoch, row):
+    """The end of an epoch: the checkpoint (and checkpoint-best.pth when top-1 improved), then the log row."""
+    best = [run.out / 'checkpoint-best.pth'] if row['val_acc1'] > run.best_acc1 else []
+    run.best_acc1 = max(run.best_acc1, row['val_acc1'])
+    runtime.save_epoch(dict(run_state(run, row), epoch=epoch + 1, step=0), row, run.out, run.is_main, also=best)
+    run.last_row = row
+
+
+def run_state(run, log_row):
+    """What a checkpoint holds besides its position: weights, optimizer, the best top-1 so far, flags and log row."""
+    return dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), best_acc1=run.best_acc1,
+                args=vars(run.args), identity=run.identity, log_row=log_row)
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# The encoder and the classifier
+# Evaluation on frozen features, and on the validation set
+
+def frozen(run):
+    """--mode knn (k-NN) and --mode frozen (k-NN and a linear classifier on the same cached features): no training of
+    the encoder, one process; the result names the k it really used."""
+    args = run.args
+    if run.world_size > 1:
+        runtime.fail(f'--mode {args.mode} runs in one process (it trains no encoder)')
+    k = min(args.knn_k, len(run.train_set))
+    start = time.perf_counter()
+    train_x, train_y, val_x, val_y = cached_features(run)
+    row = dict(mode=args.mode, k=k, checkpoint=args.checkpoint,
+               **knn_evaluate(train_x, train_y, val_x, val_y, run.num_classes, k, args.knn_t))
+    if args.mode == 'frozen':
+        linear = linear_on_features(train_x, train_y, val_x, val_y, run.num_classes, args)
+        row.update(knn_acc1=row.pop('val_acc1'), knn_acc5=row.pop('val_acc5'), linear_epochs=args.epochs,
+                   linear_acc1=linear['val_acc1'], linear_acc5=linear['val_acc5'])
+    row['seconds'] = round(time.perf_counter() - start, 1)
+    with open(run.out / 'log.jsonl', 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    fewer = f', all {k} training images: fewer than --knn_k {args.knn_k}' if k < args.knn_k else ''
+    knn_acc1, knn_acc5 = row.get('knn_acc1', row.get('val_acc1')), row.get('knn_acc5', row.get('val_acc5'))
+    print(f'k-NN (k={k}{fewer}) of {args.method}/{args.model} from {args.checkpoint}: '
+          f'top-1 {knn_acc1:.2f}%, top-5 {knn_acc5:.2f}%')
+    if args.mode == 'frozen':
+        print(f'linear classifier on the cached features ({args.epochs} epochs): top-1 {row["linear_acc1"]:.2f}%, '
+              f'top-5 {row["linear_acc5"]:.2f}%')
+    if args.export_timm:
+        export_timm(None, run.encoder, args.export_timm)
+
+
+def cached_features(run):
+    """Train and val features of the frozen encoder, computed once: kept in OUTPUT_DIR/features.pt with what they are
+    of (the checkpoint's content, pooling, image size and crop), so a rerun on the same encoder reads them back."""
+    args = run.args
+    key = dict(run_identity(args), pool=args.pool, crop_pct=args.crop_pct)
+    del key['mode']  # k-NN and the linear classifier read the same features
+    path = run.out / 'features.pt'
+    if path.exists():
+        cached = torch.load(path, map_location=run.device, weights_only=True)
+        if cached['key'] == key:
+            return cached['features']
+    features = [*extract_features(run.model, run.train_set, args, run.device, 'train'),
+                *extract_features(run.model, run.val_set, args, run.device, 'val')]
+    runtime.save_checkpoint(dict(key=key, features=features), path)
+    return features
+
+
+@torch.no_grad()
+def extract_features(classifier, dataset, args, device, split):
+    """Frozen features of every image of dataset (its evaluation view), in order: (N, D) float32 and (N,) labels."""
+    classifier.eval()
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        worker_init_fn=data.ignore_stop_signals)
+    features, labels = zip(*[(classifier.features(x.to(device)).float(), y.to(device))
+                             for x, y in tqdm(loader, desc=f'{split} features')])
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_evaluate(bank, bank_labels, queries, query_labels, num_classes, k, temperature):
+    """Weighted k-NN on L2-normalised frozen features (as DINO): each of the k most cosine-similar training images
+    votes for its class with weight exp(similarity / temperature)."""
+    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    top1 = top5 = 0
+    for start in range(0, len(queries), 256):
+        similarity, neighbours = (queries[start:start + 256] @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes = torch.zeros(len(similarity), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
+        predictions = votes.topk(min(5, num_classes), dim=1).indices
+        truth = query_labels[start:start + 256]
+        top1 += (predictions[:, 0] == truth).sum().item()
+        top5 += (predictions == truth[:, None]).any(dim=1).sum().item()
+    return dict(val_acc1=100 * top1 / len(queries), val_acc5=100 * top5 / len(queries))
+
+
+def linear_on_features(train_x, train_y, val_x, val_y, num_classes, args):
+    """--mode frozen's linear probe: a linear classifier on cached features, trained in seconds. The features are
+    standardised by the training set's mean and std (MAE §A.4's BatchNorm without affine parameters, whose statistics
+    on fixed features are exactly these), then SGD with momentum and a cosine schedule, as --mode linprobe. Unlike
+    MAE's probe the features are of one centre view per image, computed once: no random crops or flips."""
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    trunc_normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    peak_lr = args.lr or args.blr * args.batch_size / 256
+    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = max(1, len(train_x) // args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    warmup = train.warmup_steps(args.warmup_epochs, args.epochs, steps_per_epoch)
+    for step in range(total_steps):
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
+        for group in optimizer.param_groups:
+            group['lr'] = train.lr_at(step, total_steps, warmup, peak_lr, args.min_lr)
+        batch = order[step % steps_per_epoch * args.batch_size:][:args.batch_size]
+        F.cross_entropy(head(train_x[batch]), train_y[batch]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        top5 = head(val_x).topk(min(5, num_classes), dim=1).indices
+    return dict(val_acc1=100 * (top5[:, 0] == val_y).sum().item() / len(val_y),
+                val_acc5=100 * (top5 == val_y[:, None]).any(dim=1).sum().item() / len(val_y))
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast):
+    """Cross-entropy, top-1 and top-5 accuracy (%), summed over all ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=device)  # loss, top-1, top-5, count
+    for imgs, labels in loader:
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(imgs)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction='sum'),
+                             (top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(dim=1).sum(),
+                             torch.tensor(len(labels), device=device)]).float()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, top1, top5, count = sums.tolist()
+    return dict(val_loss=loss / count, val_acc1=100 * top1 / count, val_acc5=100 * top5 / count)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The encoder and the classifier (MAE §A.3, §A.4)
 
 def load_encoder(args):
     """The encoder, with its pre-trained weights: the architecture comes from the checkpoint's saved args (ours), or
     from the weights of a timm-format ViT state dict. Fills in args.model/patch_size/img_size."""
     pretrain, state = {}, None
     if args.checkpoint != 'none':
-        checkpoint = train.load_checkpoint(args.checkpoint)
+        checkpoint = runtime.load_checkpoint(args.checkpoint)
         saved_args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
         if isinstance(saved_args, argparse.Namespace):  # the official MAE, dBOT and ConvMAE code pickle theirs
             saved_args = vars(saved_args)
@@ -167,11 +343,11 @@ def load_encoder(args):
             try:  # a timm-format ViT (e.g. an --export_timm file, or DINO's): the weights tell the architecture
                 state = read_encoder_state_dict(args.checkpoint)
             except ValueError as e:
-                fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
+                runtime.fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
             if 'norm.weight' not in state:  # a fine-tuned export: fc_norm and head in place of the final norm
                 if args.mode != 'finetune':
-                    fail(f'--checkpoint {args.checkpoint} is a fine-tuned classifier (it has no final norm): '
-                         f'--mode {args.mode} needs a pre-trained encoder')
+                    runtime.fail(f'--checkpoint {args.checkpoint} is a fine-tuned classifier (it has no final norm): '
+                                 f'--mode {args.mode} needs a pre-trained encoder')
                 width = state['patch_embed.proj.weight'].shape[0]  # fine-tuning replaces that norm anyway
                 state.update({'norm.weight': torch.ones(width), 'norm.bias': torch.zeros(width)})
             # Its pre-training size: an official checkpoint's pickled --input_size, else the position embedding's
@@ -182,25 +358,25 @@ def load_encoder(args):
             try:
                 vit = build_vit(state, img_size)
             except ValueError as e:
-                fail(f'--checkpoint {args.checkpoint}: {e}')
+                runtime.fail(f'--checkpoint {args.checkpoint}: {e}')
             pretrain = dict(method='mae', patch_size=vit.patch_size, img_size=img_size,
                             model=next((n for n, s in VIT_SIZES.items() if s['embed_dim'] == vit.cls_token.shape[-1]
                                         and s['depth'] == len(vit.blocks)), None))
             if pretrain['model'] is None:
-                fail(f'--checkpoint {args.checkpoint}: a ViT of width {vit.cls_token.shape[-1]} and depth '
-                     f'{len(vit.blocks)} matches none of {sorted(VIT_SIZES)}')
+                runtime.fail(f'--checkpoint {args.checkpoint}: a ViT of width {vit.cls_token.shape[-1]} and depth '
+                             f'{len(vit.blocks)} matches none of {sorted(VIT_SIZES)}')
     args.method = pretrain.get('method', args.method)
     for key in ('model', 'patch_size', 'img_size'):
         if getattr(args, key) is None:
             setattr(args, key, pretrain.get(key))
     if None in (args.model, args.patch_size, args.img_size):
-        fail('--checkpoint none needs --model, --patch_size and --img_size')
+        runtime.fail('--checkpoint none needs --model, --patch_size and --img_size')
     encoder_class = train.METHODS[args.method].encoder_class
     try:
         encoder = encoder_class(args.img_size, args.patch_size, **VIT_SIZES[args.model],
                                 drop_path=args.drop_path if args.mode == 'finetune' else 0.0)
     except ValueError as e:
-        fail(e)
+        runtime.fail(e)
     if state is None:
         encoder.initialize_weights()
         return encoder
@@ -208,8 +384,9 @@ def load_encoder(args):
     try:
         encoder.load_state_dict(state)
     except RuntimeError as e:
-        fail(f'--checkpoint {args.checkpoint} does not fit {encoder_class.__name__} {args.model}/{args.patch_size}: '
-             + ' '.join(str(e).split())[:600])
+        runtime.fail(f'--checkpoint {args.checkpoint} does not fit {encoder_class.__name__} '
+                     f'{args.model}/{args.patch_size}: '
+                     + ' '.join(str(e).split())[:600])
     return encoder
 
 
@@ -273,93 +450,58 @@ def export_timm(model, encoder, path):
     path = Path(path)
     if path.suffix.lower() == '.safetensors':  # model.SAFETENSORS too: the name promises no pickle inside
         state = {k: v.detach().contiguous() for k, v in state.items()}
-        train.save_checkpoint(state, path, write=lambda tensors, f: f.write(safetensors.torch.save(tensors)))
+        runtime.save_checkpoint(state, path, write=lambda tensors, f: f.write(safetensors.torch.save(tensors)))
     else:
-        train.save_checkpoint(state, path)
+        runtime.save_checkpoint(state, path)
     print(f'wrote the {"fine-tuned classifier" if model else "encoder"} in timm\'s VisionTransformer layout to {path}')
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Evaluation
+# Set-up and resume
 
-@torch.no_grad()
-def evaluate(model, loader, device, autocast):
-    """Cross-entropy, top-1 and top-5 accuracy (%), summed over all ranks."""
-    model.eval()
-    sums = torch.zeros(4, device=device)  # loss, top-1, top-5, count
-    for imgs, labels in loader:
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast:
-            logits = model(imgs)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction='sum'),
-                             (top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(dim=1).sum(),
-                             torch.tensor(len(labels), device=device)]).float()
-    if train.dist.is_initialized():
-        train.dist.all_reduce(sums)
-    loss, top1, top5, count = sums.tolist()
-    return dict(val_loss=loss / count, val_acc1=100 * top1 / count, val_acc5=100 * top5 / count)
+@dataclass
+class Run:
+    """What one evaluation holds between its phases: the encoder and its data (evaluate_encoder), then for training
+    modes the loaders, loss and optimizer and the position being resumed (set_up_training)."""
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast: object
+    # the encoder, the classifier around it, and the data (evaluate_encoder, build_data)
+    encoder: nn.Module = None
+    raw_model: nn.Module = None
+    model: nn.Module = None  # raw_model, in DDP when there are several processes
+    train_set: object = None
+    val_set: object = None
+    num_classes: int = 0
+    # training (set_up_training)
+    sampler: object = None
+    loader: object = None
+    val_loader: object = None
+    mixup: object = None
+    criterion: nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    eff_batch: int = 0
+    peak_lr: float = 0.0
+    steps_per_epoch: int = 0
+    warmup_steps: int = 0
+    # the position: the checkpoint resumed, the identity that must match it, the best top-1 so far, the last row
+    identity: dict = None
+    resume: Path = None
+    ckpt: dict | None = None
+    start_epoch: int = 0
+    best_acc1: float = 0.0
+    last_row: dict | None = None
 
+    @property
+    def is_main(self):
+        return self.rank == 0
 
-@torch.no_grad()
-def extract_features(classifier, dataset, args, device, split):
-    """Frozen features of every image of dataset (its evaluation view), in order: (N, D) float32 and (N,) labels."""
-    classifier.eval()
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                        worker_init_fn=train.ignore_stop_signals)
-    features, labels = zip(*[(classifier.features(x.to(device)).float(), y.to(device))
-                             for x, y in tqdm(loader, desc=f'{split} features')])
-    return torch.cat(features), torch.cat(labels)
+    @property
+    def out(self):
+        return Path(self.args.output_dir)
 
-
-def knn_evaluate(bank, bank_labels, queries, query_labels, num_classes, k, temperature):
-    """Weighted k-NN on L2-normalised frozen features (as DINO): each of the k most cosine-similar training images
-    votes for its class with weight exp(similarity / temperature)."""
-    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
-    top1 = top5 = 0
-    for start in range(0, len(queries), 256):
-        similarity, neighbours = (queries[start:start + 256] @ bank.T).topk(min(k, len(bank)), dim=1)
-        votes = torch.zeros(len(similarity), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
-        predictions = votes.topk(min(5, num_classes), dim=1).indices
-        truth = query_labels[start:start + 256]
-        top1 += (predictions[:, 0] == truth).sum().item()
-        top5 += (predictions == truth[:, None]).any(dim=1).sum().item()
-    return dict(val_acc1=100 * top1 / len(queries), val_acc5=100 * top5 / len(queries))
-
-
-def linear_on_features(train_x, train_y, val_x, val_y, num_classes, args):
-    """--mode frozen's linear probe: a linear classifier on cached features, trained in seconds. The features are
-    standardised by the training set's mean and std (MAE §A.4's BatchNorm without affine parameters, whose statistics
-    on fixed features are exactly these), then SGD with momentum and a cosine schedule, as --mode linprobe. Unlike
-    MAE's probe the features are of one centre view per image, computed once: no random crops or flips."""
-    mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
-    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-    head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-    trunc_normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
-    peak_lr = args.lr or args.blr * args.batch_size / 256
-    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
-    generator = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = max(1, len(train_x) // args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    warmup = train.warmup_steps(args.warmup_epochs, args.epochs, steps_per_epoch)
-    for step in range(total_steps):
-        if step % steps_per_epoch == 0:
-            order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
-        for group in optimizer.param_groups:
-            group['lr'] = train.lr_at(step, total_steps, warmup, peak_lr, args.min_lr)
-        batch = order[step % steps_per_epoch * args.batch_size:][:args.batch_size]
-        F.cross_entropy(head(train_x[batch]), train_y[batch]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        top5 = head(val_x).topk(min(5, num_classes), dim=1).indices
-    return dict(val_acc1=100 * (top5[:, 0] == val_y).sum().item() / len(val_y),
-                val_acc5=100 * (top5 == val_y[:, None]).any(dim=1).sum().item() / len(val_y))
-
-
-# -----------------------------------------------------------------------------------------------------------------
 
 def build_data(run):
     """The training set (augmented per mode: MAE's fine-tuning recipe, or crops and flips for the linear probe), the
@@ -374,83 +516,37 @@ def build_data(run):
         train_tf = create_transform(args.img_size, is_training=True, color_jitter=None, **mean_std)
     else:
         train_tf = eval_tf
-    run.train_set = train.build_dataset(args, 'train', train_tf)
-    run.val_set = train.build_dataset(args, 'val', eval_tf)
+    run.train_set = data.build_dataset(args, 'train', train_tf)
+    run.val_set = data.build_dataset(args, 'val', eval_tf)
     if run.val_set is None:
-        fail(f'--data {args.data}: no val/ folder to evaluate on')
+        runtime.fail(f'--data {args.data}: no val/ folder to evaluate on')
     classes, val_classes = run.train_set.classes, run.val_set.classes
     if val_classes != classes:
         missing, extra = sorted(set(classes) - set(val_classes))[:3], sorted(set(val_classes) - set(classes))[:3]
         official = ' (Tiny-ImageNet\'s official val/images layout: sort val/images into class folders as in train/, ' \
                    'with val_annotations.txt)' if 'images' in extra else ''
-        fail(f'--data {args.data}: val/ and train/ hold different classes (in train/ only: {missing}; in val/ only: '
-             f'{extra}){official}')
+        runtime.fail(f'--data {args.data}: val/ and train/ hold different classes (in train/ only: {missing}; in '
+                     f'val/ only: {extra}){official}')
     run.num_classes = args.nb_classes or len(classes)
     if run.num_classes < len(classes):
-        fail(f'--nb_classes {run.num_classes}: the data has {len(classes)} classes')
-
-
-def cached_features(run):
-    """Train and val features of the frozen encoder, computed once: kept in OUTPUT_DIR/features.pt with what they are
-    of (the checkpoint's content, pooling, image size and crop), so a rerun on the same encoder reads them back."""
-    args = run.args
-    key = dict(run_identity(args), pool=args.pool, crop_pct=args.crop_pct)
-    del key['mode']  # k-NN and the linear classifier read the same features
-    path = run.out / 'features.pt'
-    if path.exists():
-        cached = torch.load(path, map_location=run.device, weights_only=True)
-        if cached['key'] == key:
-            return cached['features']
-    features = [*extract_features(run.model, run.train_set, args, run.device, 'train'),
-                *extract_features(run.model, run.val_set, args, run.device, 'val')]
-    train.save_checkpoint(dict(key=key, features=features), path)
-    return features
-
-
-def frozen(run):
-    """--mode knn (k-NN) and --mode frozen (k-NN and a linear classifier on the same cached features): no training of
-    the encoder, one process; the result names the k it really used."""
-    args = run.args
-    if run.world_size > 1:
-        fail(f'--mode {args.mode} runs in one process (it trains no encoder)')
-    k = min(args.knn_k, len(run.train_set))
-    start = time.perf_counter()
-    train_x, train_y, val_x, val_y = cached_features(run)
-    row = dict(mode=args.mode, k=k, checkpoint=args.checkpoint,
-               **knn_evaluate(train_x, train_y, val_x, val_y, run.num_classes, k, args.knn_t))
-    if args.mode == 'frozen':
-        linear = linear_on_features(train_x, train_y, val_x, val_y, run.num_classes, args)
-        row.update(knn_acc1=row.pop('val_acc1'), knn_acc5=row.pop('val_acc5'), linear_epochs=args.epochs,
-                   linear_acc1=linear['val_acc1'], linear_acc5=linear['val_acc5'])
-    row['seconds'] = round(time.perf_counter() - start, 1)
-    with open(run.out / 'log.jsonl', 'a') as f:
-        f.write(json.dumps(row) + '\n')
-    fewer = f', all {k} training images: fewer than --knn_k {args.knn_k}' if k < args.knn_k else ''
-    knn_acc1, knn_acc5 = row.get('knn_acc1', row.get('val_acc1')), row.get('knn_acc5', row.get('val_acc5'))
-    print(f'k-NN (k={k}{fewer}) of {args.method}/{args.model} from {args.checkpoint}: '
-          f'top-1 {knn_acc1:.2f}%, top-5 {knn_acc5:.2f}%')
-    if args.mode == 'frozen':
-        print(f'linear classifier on the cached features ({args.epochs} epochs): top-1 {row["linear_acc1"]:.2f}%, '
-              f'top-5 {row["linear_acc5"]:.2f}%')
-    if args.export_timm:
-        export_timm(None, run.encoder, args.export_timm)
+        runtime.fail(f'--nb_classes {run.num_classes}: the data has {len(classes)} classes')
 
 
 def set_up_training(run):
     """Loaders, mixup, loss and optimizer for fine-tuning or the linear probe, then the checkpoint being resumed."""
     args, device = run.args, run.device
-    run.sampler = train.ResumableSampler(run.train_set, num_replicas=run.world_size, rank=run.rank, shuffle=True,
+    run.sampler = data.ResumableSampler(run.train_set, num_replicas=run.world_size, rank=run.rank, shuffle=True,
                                          seed=args.seed)
     run.loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=run.sampler,
                             num_workers=args.num_workers, pin_memory=device.type == 'cuda', drop_last=True,
-                            worker_init_fn=train.ignore_stop_signals)
+                            worker_init_fn=data.ignore_stop_signals)
     # Evaluation shards the validation set; DistributedSampler pads the last shard by repeating a few images.
     run.val_loader = DataLoader(run.val_set, batch_size=args.batch_size, num_workers=args.num_workers,
-                                worker_init_fn=train.ignore_stop_signals,
+                                worker_init_fn=data.ignore_stop_signals,
                                 sampler=DistributedSampler(run.val_set, run.world_size, run.rank, shuffle=False))
     if len(run.loader) == 0:
-        fail(f'{len(run.train_set)} images are too few for {run.world_size} process(es) x --batch_size '
-             f'{args.batch_size}')
+        runtime.fail(f'{len(run.train_set)} images are too few for {run.world_size} process(es) x --batch_size '
+                     f'{args.batch_size}')
     run.mixup = None
     if args.mode == 'finetune' and (args.mixup > 0 or args.cutmix > 0):
         run.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
@@ -470,15 +566,15 @@ def set_up_training(run):
     run.identity = run_identity(args)
     run.resume = Path(args.resume) if args.resume else run.out / 'checkpoint-last.pth'
     if args.resume or run.resume.exists():
-        run.ckpt = train.load_checkpoint(run.resume, ('model', 'optimizer', 'epoch', 'step', 'best_acc1', 'args'))
-        train.refuse_another_run(run.ckpt.get('identity', {}), run.identity, run.resume)
-        train.load_state(run.raw_model, run.ckpt['model'], run.resume)
-        train.load_state(run.optimizer, run.ckpt['optimizer'], f'the optimizer state in {run.resume}')
+        run.ckpt = runtime.load_checkpoint(run.resume, ('model', 'optimizer', 'epoch', 'step', 'best_acc1', 'args'))
+        runtime.refuse_another_run(run.ckpt.get('identity', {}), run.identity, run.resume)
+        runtime.load_state(run.raw_model, run.ckpt['model'], run.resume)
+        runtime.load_state(run.optimizer, run.ckpt['optimizer'], f'the optimizer state in {run.resume}')
         run.start_epoch, run.best_acc1 = run.ckpt['epoch'], run.ckpt['best_acc1']
         run.ckpt = {key: value for key, value in run.ckpt.items() if key not in ('model', 'optimizer')}  # restored
         if run.is_main:
             print(f'resumed from {run.resume} at epoch {run.start_epoch}, step {run.ckpt["step"]}')
-            train.restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch,
+            runtime.restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch,
                               run.ckpt.get('log_row'))
     run.model = run.raw_model
     if run.world_size > 1:
@@ -491,121 +587,63 @@ def set_up_training(run):
     run.last_row = run.ckpt.get('log_row') if run.ckpt else None  # the log's last row, kept in every checkpoint
 
 
-def train_one_epoch(run, epoch):
-    """One epoch of fine-tuning or linear probing, from the step a signal stopped it at if it did. -> the epoch's log
-    row (validation included), or None when a signal stops the run (its exact position is then in the checkpoint)."""
-    args, ckpt, device = run.args, run.ckpt, run.device
-    total_steps = args.epochs * run.steps_per_epoch
-    resuming_mid_epoch = ckpt and ckpt['step'] and epoch == run.start_epoch  # an epoch a signal interrupted
-    first_step = ckpt['step'] if resuming_mid_epoch else 0
-    if resuming_mid_epoch:
-        position = train.rank_position(ckpt, run.rank, run.world_size, run.resume)
-    loss_sum = position['loss_sum'].to(device) if resuming_mid_epoch else torch.zeros((), device=device)
-    run.sampler.set_epoch(epoch)
-    run.sampler.start = first_step * args.batch_size
-    run.model.train()
-    if args.mode == 'linprobe':
-        run.raw_model.encoder.eval()  # frozen features
-    epoch_start = time.perf_counter()
-    batches = iter(run.loader)  # draws the loader's base seed from the RNG: restore the state after it
-    if resuming_mid_epoch:
-        train.restore_rng_states(position['rng_state'], device)
-    stop_vote = train.StopVote(first_step, run.world_size)
-    progress = tqdm(batches, desc=f'epoch {epoch}', initial=first_step, total=run.steps_per_epoch,
-                    disable=not run.is_main)
-    for step, (imgs, labels) in enumerate(progress, start=first_step):
-        lr = train.lr_at(epoch * run.steps_per_epoch + step, total_steps, run.warmup_steps, run.peak_lr, args.min_lr)
-        for group in run.optimizer.param_groups:
-            group['lr'] = lr * group.get('lr_scale', 1.0)
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if run.mixup:
-            imgs, labels = run.mixup(imgs, labels)
-        with run.autocast:
-            loss = run.criterion(run.model(imgs), labels)
-        loss.backward()
-        if args.clip_grad:
-            torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.clip_grad)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        if (step + 1) % 50 == 0 or step + 1 == run.steps_per_epoch:  # a host sync: only now and then
-            progress.set_postfix(loss=f'{loss_sum.item() / (step + 1):.4f}', lr=f'{lr:.2e}')
-        if stop_vote.stops_after(step, run.steps_per_epoch):  # checkpoint, exit 0
-            save_position(run, epoch, step + 1, loss_sum)
-            return None
-    train_loss = train.all_reduce_mean(loss_sum / run.steps_per_epoch).item()
-    if not math.isfinite(train_loss):
-        fail(f'training loss is {train_loss} in epoch {epoch}; the last good checkpoint is {run.resume}')
-    seconds = time.perf_counter() - epoch_start
-    return dict(epoch=epoch, train_loss=train_loss, lr=lr,
-                img_per_s=round((run.steps_per_epoch - first_step) * run.eff_batch / seconds, 1),
-                **evaluate(run.model, run.val_loader, device, run.autocast))
+def run_identity(args):
+    """What makes a fine-tuning checkpoint this run's: the pre-trained file (by content), the mode, the architecture
+    and the data."""
+    identity = runtime.run_identity(args, ('mode', 'method', 'model', 'img_size', 'patch_size', 'data'))
+    return dict(identity, checkpoint='none' if args.checkpoint == 'none' else f'sha256:{sha256(args.checkpoint)}')
 
 
-def save_position(run, epoch, steps_done, loss_sum):
-    """A signal stops the run mid-epoch: every rank's exact position goes into the checkpoint (rank 0 writes it)."""
-    positions = train.rank_positions(run.device, loss_sum=loss_sum)
-    if run.is_main:
-        train.save_checkpoint(dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(),
-                                   epoch=epoch, step=steps_done, ranks=positions, best_acc1=run.best_acc1,
-                                   args=vars(run.args), identity=run.identity, log_row=run.last_row),
-                              run.out / 'checkpoint-last.pth')
-        print(f'\nstopped by a signal in epoch {epoch} after step {steps_done}; the same command continues')
-    train.barrier()
+# -----------------------------------------------------------------------------------------------------------------
+# Flag checks: every flag before any work starts
 
-
-def end_epoch(run, epoch, row):
-    """The end of an epoch on rank 0: checkpoints (the best one too), then the log row they cover."""
-    if run.is_main:
-        state = dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), epoch=epoch + 1, step=0,
-                     best_acc1=max(run.best_acc1, row['val_acc1']), args=vars(run.args), identity=run.identity,
-                     log_row=row)
-        if row['val_acc1'] > run.best_acc1:
-            train.save_checkpoint(state, run.out / 'checkpoint-best.pth')
-        train.save_checkpoint(state, run.out / 'checkpoint-last.pth')
-        with open(run.out / 'log.jsonl', 'a') as f:
-            f.write(json.dumps(row) + '\n')
-        tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
-    run.best_acc1, run.last_row = max(run.best_acc1, row['val_acc1']), row
-    train.barrier()
-
-
-def evaluate_encoder(args):
-    """The run, its flags already checked and its output folder held (main): the encoder and the data, then either
-    k-NN, or set-up and resume, train_one_epoch and end_epoch for every epoch, and the export."""
-    run = train.Run()
-    run.args = args
-    run.rank, run.world_size, run.device = train.init_distributed(args.device)
-    run.is_main, run.out = run.rank == 0, Path(args.output_dir)
-    run.autocast = train.autocast_for(args, run.device)
-    torch.manual_seed(args.seed)
-    run.encoder = load_encoder(args)
-    if args.export_timm and type(run.encoder) is not ViT:
-        fail(f'--export_timm: timm has no {type(run.encoder).__name__}; only ViT encoders export')
-    if args.pool is None:
-        args.pool = 'cls' if run.encoder.num_prefix_tokens else 'mean'
-    if args.pool == 'cls' and not run.encoder.num_prefix_tokens:
-        fail(f'--pool cls: the {args.method} encoder has no cls token; use --pool mean')
-    build_data(run)
-    run.model = run.raw_model = Classifier(run.encoder, run.num_classes, args.mode, args.pool).to(run.device)
-    if args.mode in ('knn', 'frozen'):
-        return frozen(run)
-    set_up_training(run)
-    for epoch in range(run.start_epoch, args.epochs):
-        train.seed_everything(args.seed, epoch, run.rank)  # as train.py: resume without stored RNG state
-        row = train_one_epoch(run, epoch)
-        if row is None:  # stopped by a signal
-            return
-        end_epoch(run, epoch, row)
-    if run.is_main:
-        print(f'best val top-1: {run.best_acc1:.2f}%')
-        if args.export_timm:
-            export_timm(run.raw_model if args.mode == 'finetune' else None, run.encoder, args.export_timm)
+def validate_args(args):
+    """Every flag checked before any work starts: a bad one ends the run in one line naming it."""
+    for key, value in MODE_DEFAULTS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.output_dir = args.output_dir or f'./output/{args.mode}'
+    positive = ['batch_size', 'knn_k', 'nb_classes', 'img_size', 'patch_size'] + (['epochs'] * (args.mode != 'knn'))
+    for flag in positive:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            hint = ' (--mode knn evaluates without training)' if flag == 'epochs' else ''
+            runtime.fail(f'--{flag} {getattr(args, flag)} must be at least 1{hint}')
+    for flag in ('warmup_epochs', 'num_workers', 'min_lr', 'weight_decay', 'mixup', 'cutmix'):
+        if getattr(args, flag) < 0:
+            runtime.fail(f'--{flag} {getattr(args, flag)} must not be negative')
+    for flag in ('blr', 'lr'):
+        if args.mode != 'knn' and getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            runtime.fail(f'--{flag} {getattr(args, flag)} must be positive')
+    for flag, low, high in (('layer_decay', 0, 1), ('crop_pct', 0, 1)):
+        if not low < getattr(args, flag) <= high:
+            runtime.fail(f'--{flag} {getattr(args, flag)} must lie in ({low}, {high}]')
+    for flag in ('drop_path', 'reprob', 'smoothing'):
+        if not 0 <= getattr(args, flag) < 1:
+            runtime.fail(f'--{flag} {getattr(args, flag)} must lie in [0, 1)')
+    if args.knn_t <= 0:
+        runtime.fail(f'--knn_t {args.knn_t}: the vote temperature must be positive')
+    try:  # timm asserts on a policy it does not know
+        create_transform(32, is_training=True, auto_augment=args.aa)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        runtime.fail(f'--aa {args.aa}: not a policy timm knows ({e}); e.g. rand-m9-mstd0.5')
+    if args.clip_grad is not None and args.clip_grad <= 0:
+        runtime.fail(f'--clip_grad {args.clip_grad} must be positive (leave it out for no clipping)')
+    runtime.check_device(args.device)
+    if args.export_timm:  # its folder is made now, so that a bad path fails before training, not after
+        folder = Path(args.export_timm).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            runtime.fail(f'--export_timm {args.export_timm}: cannot make its folder {folder} ({e.strerror})')
+        if not os.access(folder, os.W_OK):
+            runtime.fail(f'--export_timm {args.export_timm}: cannot write into {folder}')
+    if args.checkpoint != 'none' and not Path(args.checkpoint).is_file():
+        runtime.fail(f'--checkpoint {args.checkpoint}: no such file (or none, to train from scratch)')
 
 
 def main(args):
     validate_args(args)
-    with train.stop_on_signals(), train.exclusive_output_dir(args.output_dir), train.unreadable_data_in_one_line():
+    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.unreadable_data_in_one_line():
         evaluate_encoder(args)
 
 

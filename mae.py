@@ -25,14 +25,13 @@ The interface between a method and train.py (MAE, MR-MAE, MCMAE and dBOT all imp
     teacher = model.next_stage(teacher)  # at a stage boundary: the new teacher; the student re-initialises itself
 """
 
-import argparse
-
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
+
+import runtime
 
 VIT_SIZES = {
     'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
@@ -182,22 +181,13 @@ def encoder_state_dict(state_dict):
     return {k: v for k, v in state_dict.items() if k.startswith(ENCODER_KEYS)}
 
 
-def load_weights_file(path):
-    """A checkpoint or state dict as saved by torch.save (loaded without running pickled code), or a .safetensors
-    file (timm's and the Hugging Face hub's format)."""
-    if str(path).endswith('.safetensors'):
-        return safetensors.torch.load_file(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
 def read_encoder_state_dict(path, hybrid=False):
     """The ViT encoder weights in a checkpoint file of any layout met in practice: ours (train.py checkpoints,
     dBOT teacher files), official MAE ({'model': ...}), timm and DINO state dicts (flat), DINO training
     checkpoints ({'teacher': ...} with 'module.backbone.' prefixes); with hybrid=True MCMAE's hybrid encoder too (its
     conv stages under patch_embed.stem1...). Raises ValueError naming the problem."""
     try:
-        checkpoint = load_weights_file(path)
+        checkpoint = runtime.load_weights_file(path)
     except FileNotFoundError:
         raise ValueError(f'{path}: no such file') from None
     except Exception as e:

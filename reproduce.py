@@ -4,7 +4,7 @@ The papers' claims at small scale: every method pre-trained on the same data wit
 features, and fine-tuning with one short fixed budget; then a table, per-run JSON records and figures.
 
     python reproduce.py --data /tmp/data/tiny-imagenet-200 --budget cpu     # Tiny-ImageNet-50, 2 CPU cores, ~4 h
-    python reproduce.py --data /path/to/tiny-imagenet-200 --budget gpu --output_dir results/gpu
+    python reproduce.py --data /path/to/tiny-imagenet-200 --budget gpu --max_minutes 8 --output_dir results/gpu
     python reproduce.py --data FOLDER --output_dir /tmp/smoke --budget smoke   # minutes: the protocol end to end
 
 Sittings: a run whose record results/runs/NAME.json exists is finished and skipped; an unfinished one continues
@@ -21,8 +21,10 @@ import hashlib
 import json
 import os
 import shlex
+import threading
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +33,7 @@ import matplotlib
 import torch
 
 import finetune
+import runtime
 import train
 
 matplotlib.use('Agg')  # files only, no display
@@ -45,9 +48,12 @@ BUDGETS = {
     'cpu': dict(pretrain_epochs=2, warmup_epochs=0, finetune_epochs=1, finetune_warmup_epochs=0, batch_size=128,
                 num_workers=2, gpu_data=True, fine_tune=('random-init', 'mae', 'dbot'), model_flags=[],
                 curve=(8, (2, 4, 8))),
-    'gpu': dict(pretrain_epochs=100, warmup_epochs=10, finetune_epochs=50, finetune_warmup_epochs=5, batch_size=256,
-                num_workers=8, gpu_data=True, fine_tune=('random-init', 'mae', 'dbot', 'mcmae', 'mrmae', 'mrmcmae'),
-                model_flags=[], curve=None),
+    # Sized to end inside one 8-minute command on one H100/H200 (--max_minutes 8 stops it cleanly if not): MAE at
+    # ViT-Tiny/8, 64 px, batch 256 with --gpu_data ran at about 10,800 img/s on an H200 (issue 25), about 2.5 s per
+    # epoch of Tiny-ImageNet-50, and all rows together cost about 12 MAE epochs per epoch (bench.py's CPU FLOPs).
+    # Not yet measured on a GPU with this budget: the first GPU session runs bench.py and resizes it.
+    'gpu': dict(pretrain_epochs=8, warmup_epochs=1, finetune_epochs=2, finetune_warmup_epochs=0, batch_size=256,
+                num_workers=8, gpu_data=True, fine_tune=('random-init', 'mae', 'dbot'), model_flags=[], curve=None),
     'smoke': dict(pretrain_epochs=2, warmup_epochs=1, finetune_epochs=1, finetune_warmup_epochs=0, batch_size=4,
                   num_workers=0, gpu_data=False, fine_tune=('random-init', 'mae'),
                   model_flags=['--decoder_dim', '32', '--decoder_depth', '1'], curve=(2, (1, 2))),
@@ -76,11 +82,14 @@ def get_args_parser():
     parser.add_argument('--img_size', default=64, type=int)
     parser.add_argument('--patch_size', default=8, type=int)
     parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--max_minutes', default=None, type=float,
+                        help='stop cleanly after this many minutes (the run in progress checkpoints), report what '
+                             'finished; the same command continues')
     return parser
 
 
 @dataclass
-class Run:
+class Invocation:
     """One train.py or finetune.py invocation, its record's name, and what its record keeps."""
     name: str
     script: object
@@ -158,7 +167,7 @@ def check_records_are_of(data, *folders):
         for path in sorted(folder.glob('*.json')):
             theirs = json.loads(path.read_text()).get('data')
             if theirs != data:
-                train.fail(f'{path} is a record of another data set ({theirs or "none named"}) than --data '
+                runtime.fail(f'{path} is a record of another data set ({theirs or "none named"}) than --data '
                            f'({data}): give another --output_dir, or the data set those records were made from')
 
 
@@ -174,7 +183,7 @@ def execute(run, records, data):
     seconds = (json.loads(clock.read_text())['seconds'] if clock.exists() else 0.0) + time.perf_counter() - start
     clock.write_text(json.dumps(dict(seconds=seconds)))
     summary = run.summarise(run.out)
-    if summary is None or train.stop_requested:
+    if summary is None:  # stopped before its end: the same command continues it
         return False
     for step in run.after:
         step(run)
@@ -183,7 +192,7 @@ def execute(run, records, data):
         omp_num_threads=os.environ.get('OMP_NUM_THREADS'), torch_threads=torch.get_num_threads(),
         machine=machine(), finished=datetime.now(timezone.utc).isoformat(timespec='seconds')), indent=1) + '\n')
     print(f'finished {run.name}: {record}')
-    return True
+    return not runtime.stop_requested  # a stop that came as it ended stops the sitting after it
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -192,7 +201,7 @@ def execute(run, records, data):
 def keep_teacher_encoder(results):
     """An encoder-only fp16 copy of a finished pre-training (about 11 MB for ViT-Tiny) for the MR rows to mimic."""
     def keep(run):
-        state = train.load_checkpoint(run.out / 'checkpoint-last.pth')['model']
+        state = runtime.load_checkpoint(run.out / 'checkpoint-last.pth')['model']
         encoder = {k: v.half() for k, v in train.mae.encoder_state_dict(state).items()}
         torch.save(encoder, results / 'encoders' / f'{run.name}-encoder-fp16.pth')
     return keep
@@ -200,7 +209,7 @@ def keep_teacher_encoder(results):
 
 def keep_stage1_encoder(run):
     """dBOT's last teacher is its stage-1 student (dBOT §3): written out so that stage 1 is evaluated too."""
-    torch.save(train.load_checkpoint(run.out / 'checkpoint-last.pth')['teacher'], run.out / 'stage1-encoder.pth')
+    torch.save(runtime.load_checkpoint(run.out / 'checkpoint-last.pth')['teacher'], run.out / 'stage1-encoder.pth')
 
 
 def keep_log_and_figure(results):
@@ -229,8 +238,8 @@ def pretrain_flags(args, budget, epochs):
 def frozen_run(name, args, budget, source, seed, out, summarise=None):
     """k-NN and the linear classifier on the frozen features of the encoder that `source` names."""
     flags = ['--mode', 'frozen', '--crop_pct', '1.0'] + (['--epochs', '2'] if args.budget == 'smoke' else [])
-    return Run(name, finetune, data_flags(args, budget) + source + flags + ['--seed', str(seed), '--output_dir',
-                                                                            str(out)], summarise or frozen_summary)
+    argv = data_flags(args, budget) + source + flags + ['--seed', str(seed), '--output_dir', str(out)]
+    return Invocation(name, finetune, argv, summarise or frozen_summary)
 
 
 def plan(args, budget, results, work):
@@ -250,14 +259,14 @@ def plan(args, budget, results, work):
         extra = ['--teacher', teachers] if method.startswith('mr') else []
         after = [keep_log_and_figure(results)] + [keep_teacher_encoder(results)] * (row in TEACHER_ROWS)
         after += [keep_stage1_encoder] * (method == 'dbot')
-        return Run(row, train, pretrain + ['--method', method, '--seed', str(seed), *extra, '--output_dir',
-                                           str(work / row)], pretrain_summary(epochs), after)
+        argv = pretrain + ['--method', method, '--seed', str(seed), *extra, '--output_dir', str(work / row)]
+        return Invocation(row, train, argv, pretrain_summary(epochs), after)
 
     def encoder(row):
         return scratch if row == 'random-init' else ['--checkpoint', str(work / row / 'checkpoint-last.pth')]
 
     def fine_tuning(row):  # fine-tuning a random encoder is training from scratch
-        return Run(f'{row}-finetune', finetune, common + encoder(row) + finetune_flags + [
+        return Invocation(f'{row}-finetune', finetune, common + encoder(row) + finetune_flags + [
             '--seed', str(args.seed), '--output_dir', str(work / f'{row}-finetune')],
             finetune_summary(budget['finetune_epochs']))
 
@@ -290,7 +299,7 @@ def curve_plan(args, budget, curve, work):
     runs = []
     for method in ('mae', 'dbot'):
         name, out = f'{method}-e{epochs}', work / 'curve' / f'{method}-e{epochs}'
-        runs.append(Run(name, train, pretrain_flags(args, budget, epochs) + [
+        runs.append(Invocation(name, train, pretrain_flags(args, budget, epochs) + [
             '--method', method, '--seed', str(args.seed), '--save_epochs', ','.join(map(str, points)), '--output_dir',
             str(out)], pretrain_summary(epochs), [keep_log_and_figure(curve)]))
         for point in points:
@@ -400,12 +409,12 @@ def loss_chart(results, path):
              for path in (results / 'logs' / 'steps').glob('*.jsonl')}
     columns = min(3, len(logs))
     rows_of_panels = -(-len(logs) // columns)
-    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(3.4 * columns, 4.3 * rows_of_panels), squeeze=False)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(3.4 * columns, 4.3 * rows_of_panels), squeeze=False,
+                             layout='constrained')  # room for the legends below the panels
     for ax in axes.flat[len(logs):]:
         ax.axis('off')
     for ax, (name, rows) in zip(axes.flat, logs.items()):
         loss_panel(ax, name, rows, steps.get(name, []))
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -451,13 +460,14 @@ def write_report(args, budget, results):
 
 def random_init_band(records, seed):
     """The frozen top-1s of the random-init encoders (both seeds): what an encoder that learned nothing scores."""
-    pair = [records.get(f'random-init-frozen'), records.get(f'random-init-seed{seed + 1}-frozen')]
+    pair = [records.get('random-init-frozen'), records.get(f'random-init-seed{seed + 1}-frozen')]
     return {key: (min(r[key] for r in pair), max(r[key] for r in pair)) for key in ('knn_acc1', 'linear_acc1')} \
         if all(pair) else None
 
 
 def curve_table(records, epochs, band):
-    lines = [f'| method | epochs seen (of a {epochs}-epoch schedule) | k-NN top-1 | linear top-1 |', '|---|---|---|---|']
+    lines = [f'| method | epochs seen (of a {epochs}-epoch schedule) | k-NN top-1 | linear top-1 |',
+             '|---|---|---|---|']
     if band:
         lines.append('| random-init (seeds 0 and 1) | 0 | ' + ' | '.join(
             f'{low:.1f} to {high:.1f}' for low, high in band.values()) + ' |')
@@ -501,14 +511,36 @@ def write_curve_report(args, budget, results, curve):
     print(f'from the {len(records)} records in {curve / "runs"}:\n{text}')
 
 
+clock = time.monotonic  # seconds, for --max_minutes
+
+
+@contextmanager
+def time_limit(minutes):
+    """--max_minutes: at the deadline the run in progress is asked to stop as a signal would (it checkpoints where it
+    has state), and no further run starts. -> a function that tells whether the deadline has passed."""
+    if minutes is None:
+        yield lambda: False
+        return
+    deadline = clock() + 60 * minutes
+    timer = threading.Timer(60 * minutes, runtime.request_stop, args=(None, None))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield lambda: clock() >= deadline
+    finally:
+        timer.cancel()
+
+
 def main(args):
     budget = BUDGETS[args.budget]
+    if args.max_minutes is not None and not 0 < args.max_minutes < 1e6:
+        runtime.fail(f'--max_minutes {args.max_minutes} must be a positive number of minutes')
     if args.curve and not budget['curve']:
-        train.fail(f'--curve: the {args.budget} budget has no learning curve (it is defined for '
+        runtime.fail(f'--curve: the {args.budget} budget has no learning curve (it is defined for '
                    f'{", ".join(name for name, b in BUDGETS.items() if b["curve"])})')
     for split in ('train', 'val'):
         if not (Path(args.data) / split).is_dir():
-            train.fail(f'--data {args.data}: no {split}/ folder (an ImageFolder root with train/ and val/ is needed)')
+            runtime.fail(f'--data {args.data}: no {split}/ folder (an ImageFolder root with train/ and val/ is needed)')
     work = Path(args.work_dir or f'output/reproduce-{args.budget}')
     results = Path(args.output_dir or work / 'results')
     curve = results / 'curve'
@@ -519,10 +551,14 @@ def main(args):
         (base / folder).mkdir(parents=True, exist_ok=True)
     runs = curve_plan(args, budget, curve, work) if args.curve else plan(args, budget, results, work)
     (base / 'commands.txt').write_text(''.join(run.command() + '\n' for run in runs))
-    for run in runs:
-        if not execute(run, base / 'runs', data):
-            print(f'stopped in {run.name}; the same command continues it')
-            break
+    with time_limit(args.max_minutes) as out_of_time:
+        for run in runs:
+            if out_of_time() or not execute(run, base / 'runs', data):
+                print(f'stopped at {run.name}; the same command continues it')
+                break
+    finished = [run.name for run in runs if (base / 'runs' / f'{run.name}.json').exists()]
+    print(f'finished ({len(finished)} of {len(runs)}): {", ".join(finished) or "none"}')
+    print(f'unfinished: {", ".join(run.name for run in runs if run.name not in finished) or "none"}')
     if args.curve:
         write_curve_report(args, budget, results, curve)
     else:

@@ -18,6 +18,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import data
 import finetune
 import train
 from conftest import make_image_folder
@@ -284,7 +285,7 @@ def test_sixteen_bit_greyscale_png_loads_as_its_grey_not_white(tmp_path):
     folder = tmp_path / 'train' / 'class_0'
     folder.mkdir(parents=True)
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(folder / 'grey16.png')  # mid-grey in 16 bits
-    image, _ = train.ImageFolderSkippingBroken(tmp_path / 'train', transform=None)[0]
+    image, _ = data.ImageFolderSkippingBroken(tmp_path / 'train', transform=None)[0]
     assert image.mode == 'RGB' and set(np.asarray(image).flatten()) == {128}
 
 
@@ -316,7 +317,7 @@ def test_progress_shows_loss_in_short_epochs_and_events_get_a_line(world, capfd)
 
 
 def test_readme_timm_snippet_runs_outside_the_repository(world, tmp_path):
-    readme = (Path(__file__).parent / 'README.md').read_text()
+    readme = (Path(__file__).parent / 'docs' / 'evaluation.md').read_text()
     snippet = readme.split('## Loading the encoder into timm')[1].split('```python')[1].split('```')[0]
     (tmp_path / 'output').mkdir()
     shutil.copy(world['mae'], tmp_path / 'output' / 'checkpoint-last.pth')

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import runtime
 import teachers
 import train
 from dbot import DBOT, whiten
@@ -195,7 +196,7 @@ def _reinit_on_rank(rank, world_size, port, results):
     torch.manual_seed(100 + rank)  # ranks' RNG streams differ during training, as they do in train.py
     teacher = model.next_stage(teacher)
     before = torch.cat([p.flatten() for p in model.parameters()])
-    train.broadcast_parameters(model)
+    runtime.broadcast_parameters(model)
     after = torch.cat([p.flatten() for p in model.parameters()])
     gathered = [torch.empty_like(after) for _ in range(world_size)]
     dist.all_gather(gathered, after)

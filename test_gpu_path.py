@@ -15,8 +15,10 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune
+import flops
 import mae
 import mrmae
+import runtime
 import teachers
 import train
 from conftest import make_image_folder
@@ -99,10 +101,10 @@ def test_precision_defaults_to_bf16_on_cuda_and_fp32_on_cpu():
     parse = train.get_args_parser().parse_args
     warnings.simplefilter('ignore')  # without CUDA, torch warns that it disables a CUDA autocast
     args = parse(['--device', 'cpu'])
-    assert train.autocast_for(args, torch.device('cpu')).__class__.__name__ == 'nullcontext'
+    assert runtime.autocast_for(args, torch.device('cpu')).__class__.__name__ == 'nullcontext'
     assert args.precision == 'fp32'
     args = parse(['--device', 'cuda'])
-    autocast = train.autocast_for(args, torch.device('cuda'))
+    autocast = runtime.autocast_for(args, torch.device('cuda'))
     assert args.precision == 'bf16' and autocast.fast_dtype == torch.bfloat16 and autocast.device == 'cuda'
 
 
@@ -114,7 +116,7 @@ def _rank_main(rank, world_size, port, argv, sigterm_at_step, vote_seconds, step
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)  # two ranks on two cores: more threads each only fight over them
-    train.STOP_VOTE_SECONDS = vote_seconds
+    runtime.STOP_VOTE_SECONDS = vote_seconds
     steps, real_step, real_sample = [0], train.forward_backward, mae.MAE.sample_mask
 
     def forward_backward(model, teacher, imgs, *args, **kwargs):
@@ -175,7 +177,7 @@ def _finetune_rank_main(rank, world_size, port, argv, sigterm_at_step, vote_seco
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    train.STOP_VOTE_SECONDS = vote_seconds
+    runtime.STOP_VOTE_SECONDS = vote_seconds
     steps, real_forward = [0], finetune.Classifier.forward
 
     def forward(self, imgs):
@@ -209,7 +211,7 @@ def test_finetuning_on_two_ranks_resumes_each_from_its_own_position(images64, tm
 def test_an_epoch_cut_in_several_processes_continues_only_with_as_many(image_folder, tmp_path):
     rows = run(image_folder, tmp_path, '--epochs', '1')
     checkpoint = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
-    position = dict(rng_state=train.rng_states(torch.device('cpu')), loss_sum=torch.zeros(()), term_sums={})
+    position = dict(rng_state=runtime.rng_states(torch.device('cpu')), loss_sum=torch.zeros(()), term_sums={})
     checkpoint.update(step=2, ranks=[position, position])
     torch.save(checkpoint, tmp_path / 'checkpoint-last.pth')
     with pytest.raises(SystemExit, match=r'stopped mid-epoch in a run of 2 process\(es\); continue it with 2'):
@@ -219,15 +221,15 @@ def test_an_epoch_cut_in_several_processes_continues_only_with_as_many(image_fol
 
 def test_stop_vote_spaces_votes_by_time_not_steps(monkeypatch):
     clock = iter([0.0, 0.5, 5.5, 10.5, 15.5])  # start, then a vote after step 1 (0.5 s a step) and ~5 s apart
-    monkeypatch.setattr(train.time, 'perf_counter', lambda: next(clock))
-    monkeypatch.setattr(train, 'max_over_ranks', lambda values: values)  # the ranks' common view
-    vote, voted = train.StopVote(first_step=0, world_size=2), []
+    monkeypatch.setattr(runtime.time, 'perf_counter', lambda: next(clock))
+    monkeypatch.setattr(runtime, 'max_over_ranks', lambda values: values)  # the ranks' common view
+    vote, voted = runtime.StopVote(first_step=0, world_size=2), []
     for step in range(30):
         before = vote.last_step
         assert not vote.stops_after(step, steps_per_epoch=100)
         voted += [step + 1] if vote.last_step != before else []
     assert voted == [1, 11, 21]  # after the first step, then every 10 steps of 0.5 s
-    monkeypatch.setattr(train, 'stop_requested', True)
+    monkeypatch.setattr(runtime, 'stop_requested', True)
     assert not vote.stops_after(29, 100) and vote.stops_after(30, 100)  # the next vote carries the signal
 
 
@@ -238,7 +240,7 @@ def test_flops_are_counted_again_when_a_stage_changes_the_teacher(image_folder, 
     rows = run(image_folder, tmp_path, '--method', 'dbot', '--teacher_depth', '0', '--stage_epochs', '1,1')
     size = mae.VIT_SIZES['vit_tiny']
     with torch.no_grad():
-        teachers = [train.count_flops(lambda: mae.ViT(32, 8, size['embed_dim'], depth, size['num_heads'])
+        teachers = [flops.count_flops(lambda: mae.ViT(32, 8, size['embed_dim'], depth, size['num_heads'])
                                       .forward_blocks(torch.randn(1, 3, 32, 32))) for depth in (0, size['depth'])]
     grown = (rows[1]['gflops_per_img'] - rows[0]['gflops_per_img']) * 1e9
     assert grown == pytest.approx(teachers[1] - teachers[0], rel=1e-4)
@@ -312,21 +314,20 @@ def test_the_sync_detector_sees_what_it_must():
 # 7. A checkpoint written on one kind of device, resumed on another -----------------------------------------------
 
 def test_cpu_rng_state_restores_on_a_gpu_and_a_gpu_one_on_the_cpu(image_folder, tmp_path, monkeypatch):
-    states = train.rng_states(torch.device('cpu'))  # as a CPU run saves them: no CUDA state
+    states = runtime.rng_states(torch.device('cpu'))  # as a CPU run saves them: no CUDA state
     monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda *a: pytest.fail('there is no CUDA state to restore'))
     expected = torch.rand(3)
-    train.restore_rng_states(states, torch.device('cuda'))
+    runtime.restore_rng_states(states, torch.device('cuda'))
     assert torch.equal(torch.rand(3), expected)  # the CPU stream continues exactly
     monkeypatch.undo()
 
     # A GPU run's mid-epoch checkpoint (a CUDA state beside the CPU ones) continues on the CPU.
     straight = [row['loss'] for row in run(image_folder, tmp_path / 'straight', '--epochs', '2')]
-    run(image_folder, tmp_path / 'moved', '--epochs', '1')
     steps, real = [0], train.forward_backward
 
     def forward_backward(model, teacher, imgs, *args):
         steps[0] += not is_flop_count(imgs)
-        if steps[0] == 2 and not is_flop_count(imgs):
+        if steps[0] == 6 and not is_flop_count(imgs):  # 4 steps per epoch: epoch 1, step 2
             os.kill(os.getpid(), signal.SIGTERM)
         return real(model, teacher, imgs, *args)
 

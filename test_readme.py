@@ -1,18 +1,61 @@
-"""README's shell commands for Tiny-ImageNet, run on a miniature of the official archive's layout: sorting the
-official val/ into class folders, and taking the 50-class subset the results use."""
+"""What README and docs/ tell a reader, checked: every name the reading guide cites exists where it says, every
+docs page is linked, and the shell commands for Tiny-ImageNet work on a miniature of the official archive's layout
+(sorting the official val/ into class folders, and taking the 50-class subset the results use)."""
 
+import ast
+import re
 import subprocess
 from pathlib import Path
 
+import data
 import train
 
-README = (Path(__file__).parent / 'README.md').read_text()
+HERE = Path(__file__).parent
+README = (HERE / 'README.md').read_text()
+DOCS = README + ''.join(path.read_text() for path in sorted((HERE / 'docs').glob('*.md')))
 
 
 def readme_line(containing):
-    lines = [line.strip() for line in README.splitlines() if containing in line]
-    assert len(lines) == 1, f'README should hold one command with {containing!r}'
+    lines = [line.strip() for line in DOCS.splitlines() if containing in line]
+    assert len(lines) == 1, f'README and docs/ should hold one command with {containing!r}'
     return lines[0]
+
+
+def defined_names(path):
+    """Top-level functions, classes and constants, and Class.method."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            names.update(f'{node.name}.{item.name}' for item in node.body if isinstance(item, ast.FunctionDef))
+        if isinstance(node, ast.Assign):
+            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
+    return names
+
+
+def test_every_name_in_the_reading_guide_exists_in_the_file_it_names():
+    guide = README.split('## Reading guide')[1].split('\n## ')[0]
+    cited = 0
+    for row in guide.splitlines():
+        cells = [cell.strip() for cell in row.strip('|').split('|')]
+        if len(cells) != 3 or not re.fullmatch(r'`\w+\.py`', cells[1]):
+            continue
+        path = HERE / cells[1].strip('`')
+        names = defined_names(path)
+        for name in re.findall(r'`([A-Za-z_][\w.]*)`', re.sub(r'\([^)]*\)', '', cells[2])):  # not the asides
+            assert name in names, f'the reading guide cites {cells[1]}: {name}, which {path.name} does not define'
+            cited += 1
+    assert cited > 50
+
+
+def test_readme_links_every_docs_page_and_every_link_resolves():
+    for path in sorted((HERE / 'docs').glob('*.md')):
+        assert f'](docs/{path.name})' in README, f'README does not link {path}'
+    for page in [HERE / 'README.md', *sorted((HERE / 'docs').glob('*.md'))]:
+        for target in re.findall(r'\]\(([^)#:]+\.md)\)', page.read_text()):
+            assert (page.parent / target).exists(), f'{page.name} links {target}, which does not exist'
 
 
 def official_archive(root, wnids):
@@ -36,7 +79,7 @@ def test_readme_val_sorting_makes_the_official_val_readable(tmp_path):
     base = official_archive(tmp_path, ['n01443537', 'n01629819', 'n01641577'])
     subprocess.run(['bash', '-c', readme_line('< val_annotations.txt')], cwd=tmp_path, check=True)
     args = train.get_args_parser().parse_args(['--data', str(base)])
-    val = train.build_dataset(args, 'val', None)
+    val = data.build_dataset(args, 'val', None)
     assert val.classes == ['n01443537', 'n01629819', 'n01641577'] and len(val) == 3
     assert [label for _, label in val.samples] == [0, 1, 2]  # each image under its own class
 

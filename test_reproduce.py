@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import reproduce
+import runtime
 import train
 
 
@@ -25,16 +26,16 @@ def test_smoke_protocol_writes_table_records_figures_and_commands(image_folder, 
 
     def main_signalled_in_dbot(args):
         if args.method == 'dbot' and not (tmp_path / 'work' / 'dbot' / 'checkpoint-last.pth').exists():
-            train.request_stop(None, None)  # arrives before the first step's end: the run stops after it
+            runtime.request_stop(None, None)  # arrives before the first step's end: the run stops after it
         return real_main(args)
 
     monkeypatch.setattr(train, 'main', main_signalled_in_dbot)
-    monkeypatch.setattr(train, 'stop_on_signals', contextlib.nullcontext)
+    monkeypatch.setattr(runtime, 'stop_on_signals', contextlib.nullcontext)
     reproduce.main(protocol(image_folder, tmp_path))
     results = tmp_path / 'results'
     finished = {path.stem for path in (results / 'runs').glob('*.json')}
     assert finished == {'random-init-frozen', 'mae', 'mae-frozen'}
-    train.stop_requested = False
+    runtime.stop_requested = False
     monkeypatch.setattr(train, 'main', real_main)
     reproduce.main(protocol(image_folder, tmp_path))
 
@@ -108,3 +109,33 @@ def test_another_data_set_never_touches_or_prints_the_committed_records(image_fo
     with pytest.raises(SystemExit, match=r'^error: .*\.json is a record of another data set \(.*\) than --data'):
         reproduce.main(parse(['--data', str(image_folder), '--output_dir', str(tmp_path / 'copy')]))
     assert snapshot(committed) == before
+
+
+def test_gpu_budget_stops_at_its_time_limit_reports_and_a_rerun_continues(image_folder, tmp_path, monkeypatch, capsys):
+    """--max_minutes: at the deadline no further run starts (one in progress would checkpoint as on a signal); the
+    report names what finished and what did not; the same command without the limit finishes the rest, skipping the
+    finished runs. The GPU budget's plan, with a model and batch that fit the tiny data set on the CPU."""
+    monkeypatch.setitem(reproduce.BUDGETS, 'gpu', dict(
+        reproduce.BUDGETS['gpu'], pretrain_epochs=2, finetune_epochs=1, batch_size=4, num_workers=0,
+        model_flags=['--decoder_dim', '32', '--decoder_depth', '1']))
+    argv = ['--data', str(image_folder), '--output_dir', str(tmp_path / 'results'), '--work_dir',
+            str(tmp_path / 'work'), '--budget', 'gpu', '--img_size', '32']
+    now, real_execute = [0.0], reproduce.execute
+
+    def execute_then_the_clock_passes_the_limit(*args):
+        finished = real_execute(*args)
+        now[0] += 3600  # the first run took an hour
+        return finished
+
+    monkeypatch.setattr(reproduce, 'clock', lambda: now[0])
+    monkeypatch.setattr(reproduce, 'execute', execute_then_the_clock_passes_the_limit)
+    reproduce.main(reproduce.get_args_parser().parse_args(argv + ['--max_minutes', '8']))
+    monkeypatch.setattr(reproduce, 'execute', real_execute)
+    out = capsys.readouterr().out
+    runs = tmp_path / 'results' / 'runs'
+    assert [path.stem for path in runs.glob('*.json')] == ['random-init-frozen']  # the one begun before the deadline
+    assert 'finished (1 of 18): random-init-frozen' in out and 'unfinished: mae, mae-frozen, dbot,' in out
+    first = (runs / 'random-init-frozen.json').read_text()
+    reproduce.main(reproduce.get_args_parser().parse_args(argv))
+    assert 'unfinished: none' in capsys.readouterr().out
+    assert (runs / 'random-init-frozen.json').read_text() == first  # skipped, not run again

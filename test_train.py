@@ -9,6 +9,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+import data
+import runtime
 import train
 from conftest import make_image_folder
 
@@ -119,19 +121,20 @@ def test_folder_without_images_is_refused(tmp_path):
 def test_device_augmentation_is_a_crop_and_flip_of_the_image():
     torch.manual_seed(0)
     imgs = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
-    mean = torch.tensor(train.IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(train.IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     normalised = (imgs / 255 - mean) / std
-    out = train.random_resized_crop_flip(imgs, 16, mean, std, scale=(1, 1), ratio=(1, 1))  # the whole image: kept or flipped
+    # the whole image: kept or flipped
+    out = data.random_resized_crop_flip(imgs, 16, mean, std, scale=(1, 1), ratio=(1, 1))
     kept = (out - normalised).flatten(1).abs().amax(dim=1) < 1e-4
     flipped = (out - normalised.flip(-1)).flatten(1).abs().amax(dim=1) < 1e-4
     assert torch.all(kept | flipped) and 10 < flipped.sum() < 54
-    crops = train.random_resized_crop_flip(imgs, 8, mean, std)
+    crops = data.random_resized_crop_flip(imgs, 8, mean, std)
     assert crops.shape == (64, 3, 8, 8) and crops.min() >= normalised.min() - 1e-4
     torch.manual_seed(1)
-    first = train.random_resized_crop_flip(imgs, 8, mean, std)
+    first = data.random_resized_crop_flip(imgs, 8, mean, std)
     torch.manual_seed(1)
-    assert torch.equal(first, train.random_resized_crop_flip(imgs, 8, mean, std))
+    assert torch.equal(first, data.random_resized_crop_flip(imgs, 8, mean, std))
 
 
 def test_gpu_data_path_trains_on_any_device(image_folder, tmp_path):
@@ -143,20 +146,20 @@ def test_workers_ship_uint8_and_the_device_normalises_as_the_float_pipeline(imag
     """Per image the same draws and the same values as torchvision's float pipeline (ToTensor, Normalize in the
     worker), seeded by (seed, epoch, index)."""
     args = train.get_args_parser().parse_args(['--data', str(image_folder)])
-    dataset = train.build_dataset(args, 'train', train.pretrain_transform(32))
-    sampler = train.ResumableSampler(dataset, num_replicas=1, rank=0, seed=0)
+    dataset = data.build_dataset(args, 'train', data.pretrain_transform(32))
+    sampler = data.ResumableSampler(dataset, num_replicas=1, rank=0, seed=0)
     sampler.set_epoch(3)
-    loader = DataLoader(dataset, batch_size=4, sampler=train.ImageSeeds(sampler, 7))
+    loader = DataLoader(dataset, batch_size=4, sampler=data.ImageSeeds(sampler, 7))
     assert next(iter(loader))[0].dtype == torch.uint8
-    imgs, labels = next(iter(train.NormalizedOnDevice(loader, torch.device('cpu'))))
+    imgs, labels = next(iter(data.NormalizedOnDevice(loader, torch.device('cpu'))))
     float_pipeline = transforms.Compose([
         transforms.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     expected = []
     for index in list(sampler)[:4]:
-        train.seed_everything(7, 3, index)
-        expected.append(float_pipeline(train.load_rgb(dataset.samples[index][0])))
+        runtime.seed_everything(7, 3, index)
+        expected.append(float_pipeline(data.load_rgb(dataset.samples[index][0])))
     assert torch.equal(imgs, torch.stack(expected))
     assert labels.tolist() == [dataset.samples[i][1] for i in list(sampler)[:4]]
 
@@ -168,7 +171,7 @@ def stop_at_call(monkeypatch, call):
     def forward_backward(*args, **kwargs):
         calls[0] += 1
         if calls[0] == call:
-            train.request_stop(None, None)
+            runtime.request_stop(None, None)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, 'forward_backward', forward_backward)
@@ -184,7 +187,7 @@ def test_persistent_workers_give_the_same_losses_as_none_and_resume_exactly(imag
     assert len(run(image_folder, run_stopped, '--num_workers', '2')) == 1  # stopped in epoch 1, position saved
     assert torch.load(run_stopped / 'checkpoint-last.pth', weights_only=True)['step'] == 2
     monkeypatch.undo()
-    train.stop_requested = False
+    runtime.stop_requested = False
     assert [row['loss'] for row in run(image_folder, run_stopped, '--num_workers', '2')] == expected
 
 
@@ -208,7 +211,7 @@ def test_steps_log_tiles_every_epoch_and_survives_a_stop(image_folder, tmp_path,
     with open(stopped / 'steps.jsonl', 'a') as f:
         f.write(json.dumps(dict(windows[2], first_step=1)) + '\n')  # logged by a run killed before its checkpoint
     monkeypatch.undo()
-    train.stop_requested = False
+    runtime.stop_requested = False
     run(image_folder, stopped)
     resumed = steps_log(stopped)
     assert [(w['epoch'], w['first_step'], w['end_step']) for w in resumed] == [
@@ -230,11 +233,11 @@ def mixed_folder(root):
 def test_device_decoding_draws_the_worker_pipelines_boxes(tmp_path):
     """Per image the same crop box and flip as pretrain_transform (same seeds); only the resize differs (tensor vs
     PIL bicubic), by a few levels of 255 at most."""
-    data = mixed_folder(tmp_path / 'data')
-    args = train.get_args_parser().parse_args(['--data', str(data), '--decode_on_device', '--img_size', '32'])
-    workers = train.build_dataset(args, 'train', train.pretrain_transform(32))
-    files = train.build_dataset(args, 'train', None, train.ImageFileBytes)
-    device_side = train.DecodedOnDevice(None, files, 32, torch.device('cpu'))
+    folder = mixed_folder(tmp_path / 'data')
+    args = train.get_args_parser().parse_args(['--data', str(folder), '--decode_on_device', '--img_size', '32'])
+    workers = data.build_dataset(args, 'train', data.pretrain_transform(32))
+    files = data.build_dataset(args, 'train', None, data.ImageFileBytes)
+    device_side = data.DecodedOnDevice(None, files, 32, torch.device('cpu'))
     for index, (path, _) in enumerate(files.samples):
         if path.endswith('corrupt.jpg'):
             continue
@@ -246,13 +249,13 @@ def test_device_decoding_draws_the_worker_pipelines_boxes(tmp_path):
 
 
 def test_device_decoding_trains_skips_and_counts_bad_files_and_resumes_exactly(tmp_path, monkeypatch):
-    data = mixed_folder(tmp_path / 'data')
-    rows = run(data, tmp_path / 'straight', '--decode_on_device')
+    folder = mixed_folder(tmp_path / 'data')
+    rows = run(folder, tmp_path / 'straight', '--decode_on_device')
     assert [row['skipped_images'] for row in rows] == [1, 1]  # the corrupt file, in each epoch
     expected = [row['loss'] for row in rows]
-    assert [row['loss'] for row in run(data, tmp_path / 'workers', '--decode_on_device', '--num_workers', '2')] \
+    assert [row['loss'] for row in run(folder, tmp_path / 'workers', '--decode_on_device', '--num_workers', '2')] \
         == expected
     stop_at_call(monkeypatch, 8)  # call 1 counts FLOPs; 5 steps per epoch: epoch 1, step 2
-    assert len(run(data, tmp_path / 'stopped', '--decode_on_device')) == 1
+    assert len(run(folder, tmp_path / 'stopped', '--decode_on_device')) == 1
     monkeypatch.undo()
-    assert [row['loss'] for row in run(data, tmp_path / 'stopped', '--decode_on_device')] == expected
+    assert [row['loss'] for row in run(folder, tmp_path / 'stopped', '--decode_on_device')] == expected

@@ -1,0 +1,341 @@
+"""
+How images reach the device, for every method: the data sets (CIFAR, or an ImageFolder that skips unreadable files),
+the resumable distributed sampler and each image's own augmentation seeds, and the three input pipelines of
+train.py: loader workers that decode and augment (the default), workers that only read bytes with decoding and
+augmentation on the device (--decode_on_device), and a small data set decoded once onto the device (--gpu_data).
+"""
+
+import bisect
+import io
+import itertools
+import math
+import os
+import signal
+import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
+from torchvision import datasets, transforms
+
+import runtime
+
+
+def default_workers():
+    """Loader workers per process: this machine's cores shared among the processes torchrun starts on it, at most 8
+    (beyond that the model, not decoding, is usually the limit), at least 1."""
+    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+
+
+def pretrain_transform(img_size):
+    """MAE §A.1: RandomResizedCrop (scale 0.2-1, bicubic) and horizontal flip are the only augmentations. Loader
+    workers stop at uint8 tensors (a quarter of float32's bytes to ship and pin); normalize_on_device finishes."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.PILToTensor()])
+
+
+class NormalizedOnDevice:
+    """A loader of uint8 batches -> float batches on the device, normalised there: ToTensor's /255 and Normalize's
+    (x - mean) / std, the same operations in the same order, so the values are those of the float pipeline."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)  # now, not at the first batch: the caller decides what RNG state it sees
+        return (self.normalize(imgs, labels) for imgs, labels in batches)
+
+    def normalize(self, imgs, labels):
+        imgs = imgs.to(self.device, non_blocking=True).float().div_(255)
+        return imgs.sub_(self.mean).div_(self.std), labels.to(self.device, non_blocking=True)
+
+
+def eval_transform(img_size):
+    return transforms.Compose([
+        transforms.Resize(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def load_rgb(path):
+    """An image file as 8-bit RGB. PIL's convert('RGB') clips 16-bit greyscale (modes I;16 and I) to white: scale
+    those to 8 bits first."""
+    with Image.open(path) as img:
+        if img.mode.startswith('I'):
+            img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
+        return img.convert('RGB')
+
+
+class ImageFolderSkippingBroken(datasets.ImageFolder):
+    """An ImageFolder that replaces an unreadable image (corrupt, truncated) by the next readable one, with a warning
+    naming the file. The count lives in shared memory, one slot per loader worker, so that it reaches log.jsonl."""
+
+    def __init__(self, root, transform):
+        super().__init__(root, transform=transform, loader=load_rgb)
+        self.skipped = torch.zeros(1024, dtype=torch.int64).share_memory_()
+
+    def __getitem__(self, key):
+        """key: an index, or (index, seeds) from ImageSeeds: the image's augmentation then draws from its own seeds."""
+        index, seeds = key if isinstance(key, tuple) else (key, None)
+        with runtime.seeded(*seeds) if seeds is not None else nullcontext():
+            return self.first_readable(index)
+
+    def first_readable(self, index):
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except OSError as e:  # PIL's unidentified and truncated images raise OSErrors
+                worker = get_worker_info()
+                self.skipped[worker.id + 1 if worker else 0] += 1
+                # on a line of its own, not glued to the progress bar's
+                print(f'\nwarning: skipping unreadable image {self.samples[i][0]} ({e})', file=sys.stderr)
+        raise NoReadableImage(f'no readable image in {self.root}: every file failed to decode')
+
+
+class NoReadableImage(RuntimeError):
+    """Raised in a loader worker, re-raised by the DataLoader in the main process, and reported there in one line."""
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can begin an epoch part-way, for a run that a signal stopped mid-epoch."""
+    start = 0  # samples of this rank's share to skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+
+class ImageFileBytes(ImageFolderSkippingBroken):
+    """--decode_on_device: a worker reads each file's bytes and nothing else (no decoding, no augmentation)."""
+
+    def __getitem__(self, key):  # key: (index, seeds) from ImageSeeds
+        index, seeds = key
+        path, label = self.samples[index]
+        return torch.from_numpy(np.fromfile(path, dtype=np.uint8)), label, index, seeds
+
+
+def as_lists(batch):
+    """collate_fn for ImageFileBytes: files differ in length, so the batch stays a list of byte tensors."""
+    data, labels, indices, seeds = zip(*batch)
+    return list(data), torch.tensor(labels), indices, seeds
+
+
+class DecodedOnDevice:
+    """--decode_on_device: batches of file bytes -> augmented, normalised images on the device, in the sampler's
+    order. JPEGs are decoded as one batch (torchvision.io.decode_jpeg; nvJPEG on GPUs); a file that decoder cannot
+    take (PNG, CMYK or 16-bit images, a corrupt file) is decoded alone on the CPU (PIL), and one that nothing can
+    read is replaced by the batch's next image and counted, as the worker pipeline does. Each image is then cropped,
+    resized and flipped with the worker pipeline's RandomResizedCrop and flip draws (the same seeds: the same boxes;
+    torchvision's tensor resize instead of PIL's, antialiased) and normalised as NormalizedOnDevice does."""
+
+    def __init__(self, loader, dataset, img_size, device):
+        self.loader, self.dataset, self.img_size, self.device = loader, dataset, img_size, device
+        self.normalized = NormalizedOnDevice(loader, device)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)  # now: the caller decides what RNG state it sees
+        return (self.batch(*batch) for batch in batches)
+
+    def batch(self, data, labels, indices, seeds):
+        images = self.decode(data, indices)
+        readable = [i for i, image in enumerate(images) if image is not None]
+        if not readable:
+            raise NoReadableImage(f'no readable image among {[self.dataset.samples[i][0] for i in indices]}')
+        stand_in = {i: readable[bisect.bisect_left(readable, i) % len(readable)] for i in range(len(images))}
+        crops = torch.stack([self.augment(images[stand_in[i]], seeds[stand_in[i]]) for i in range(len(images))])
+        return self.normalized.normalize(crops, labels[[stand_in[i] for i in range(len(images))]])
+
+    def decode(self, data, indices):
+        try:
+            return list(torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one file the batched decoder cannot take: each alone
+            return [self.decode_one(bytes_, index) for bytes_, index in zip(data, indices)]
+
+    def decode_one(self, data, index):
+        try:
+            return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            pass
+        try:
+            image = load_rgb(io.BytesIO(data.numpy().tobytes()))
+            return transforms.functional.pil_to_tensor(image).to(self.device, non_blocking=True)
+        except OSError as e:  # PIL's unidentified and truncated images
+            self.dataset.skipped[0] += 1
+            print(f'\nwarning: skipping unreadable image {self.dataset.samples[index][0]} ({e})', file=sys.stderr)
+            return None
+
+    def augment(self, image, seeds):
+        with runtime.seeded(*seeds):  # the draws of pretrain_transform for this image
+            top, left, height, width = transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
+            flip = torch.rand(1) < 0.5
+        crop = transforms.functional.resized_crop(image, top, left, height, width, [self.img_size] * 2,
+                                                  transforms.InterpolationMode.BICUBIC, antialias=True)
+        return crop.flip(-1) if flip else crop
+
+
+def ignore_stop_signals(worker_id):
+    """worker_init_fn: loader workers leave SIGTERM and SIGINT to the main process. A signal sent to the whole process
+    group (Ctrl-C in a terminal, a scheduler pre-empting a job) would otherwise kill them first, and the main process
+    would die of their deaths before it checkpoints; it stops them itself when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class ImageSeeds:
+    """A sampler's indices, each with the seeds of that image's augmentation in this epoch, (--seed, epoch, index):
+    the draws depend on no worker, worker count or starting point, so loader workers can live across epochs
+    (persistent_workers) and a resumed run still augments every image as an uninterrupted one."""
+
+    def __init__(self, sampler, seed):
+        self.sampler, self.seed = sampler, seed
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        return ((index, (self.seed, self.sampler.epoch, index)) for index in self.sampler)
+
+
+def random_resized_crop_flip(images, size, mean, std, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop + horizontal flip + normalisation with mean and std ((1, 3, 1, 1) tensors on the images'
+    device) for a whole uint8 batch (B, 3, H, W) on its device: per image a box of area scale*H*W and log-uniform
+    aspect ratio at a uniform position, flipped with probability 1/2, resampled bicubically through one affine grid.
+    Unlike torchvision, which re-draws a box that does not fit, a box is clamped to the image. Nothing here waits for
+    the device: no value comes back to the host and no tensor is made from host data."""
+    B, _, H, W = images.shape
+    device = images.device
+    area = H * W * torch.empty(B, device=device).uniform_(*scale)
+    aspect = torch.empty(B, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    w, h = (area * aspect).sqrt().clamp(max=W), (area / aspect).sqrt().clamp(max=H)
+    cx = w / 2 + torch.rand(B, device=device) * (W - w)
+    cy = h / 2 + torch.rand(B, device=device) * (H - h)
+    flip = torch.where(torch.rand(B, device=device) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(B, device=device)
+    theta = torch.stack([torch.stack([w / W * flip, zero, 2 * cx / W - 1], dim=1),  # output -> input coordinates
+                         torch.stack([zero, h / H, 2 * cy / H - 1], dim=1)], dim=1)
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+    out = F.grid_sample(images.float() / 255, grid, mode='bicubic', padding_mode='border', align_corners=False)
+    return (out.clamp(0, 1) - mean) / std
+
+
+class GpuDataImages:
+    """--gpu_data: a small data set (CIFAR, Tiny-ImageNet: images of one size) decoded once into a uint8 tensor on the
+    device, augmented there batch by batch; no JPEG decoding in the loop. Iterates like the DataLoader it replaces,
+    in the order of the same (resumable, distributed) sampler."""
+
+    def __init__(self, dataset, sampler, batch_size, img_size, device, num_workers):
+        decoded = DataLoader(dataset, batch_size=256, num_workers=num_workers, worker_init_fn=ignore_stop_signals)
+        try:
+            images, labels = zip(*decoded)
+        except RuntimeError as e:  # default_collate cannot stack images of different sizes
+            runtime.fail(f'--gpu_data needs images of one size, as in CIFAR or Tiny-ImageNet '
+                         f'({" ".join(str(e).split())})')
+        self.images, self.labels = torch.cat(images).to(device), torch.cat(labels).to(device)
+        self.sampler, self.batch_size, self.img_size = sampler, batch_size, img_size
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        """The epoch's order goes to the device once, here, at the start of the epoch; the batches follow lazily."""
+        ids = torch.tensor(list(self.sampler), device=self.images.device)
+        starts = range(0, len(ids) - self.batch_size + 1, self.batch_size)
+        return (self.batch(ids[start:start + self.batch_size]) for start in starts)
+
+    def batch(self, ids):
+        return random_resized_crop_flip(self.images[ids], self.img_size, self.mean, self.std), self.labels[ids]
+
+
+def build_dataset(args, split, transform, folder_class=None):
+    """The `split` ('train' or 'val') of --data, or None when a folder has no such split. Images load as RGB
+    (torchvision's default loader converts greyscale JPEGs)."""
+    if args.data in ('cifar10', 'cifar100'):
+        cifar = datasets.CIFAR10 if args.data == 'cifar10' else datasets.CIFAR100
+        try:
+            return cifar(args.data_dir, train=split == 'train', transform=transform, download=True)
+        except OSError as e:  # URLError is an OSError: no network, or the server refused
+            runtime.fail(f'could not download {args.data} into {args.data_dir} ({e}). Without a network, extract the '
+                         f'python version of the data set (https://www.cs.toronto.edu/~kriz/cifar.html) so that '
+                         f'{Path(args.data_dir) / cifar.base_folder} holds its batches, or pass --data FOLDER')
+    root = Path(args.data)
+    if not root.is_dir():
+        runtime.fail(f'--data {root}: no such folder (expected cifar10, cifar100, or an ImageFolder root)')
+    folder = root / split
+    if not folder.is_dir():
+        if split != 'train':
+            return None
+        if (root / 'val').is_dir():
+            runtime.fail(f'--data {root} holds val/ but no train/: training on the validation images would make '
+                         f'every later evaluation meaningless; add train/')
+        folder = root  # a plain folder of class sub-folders
+    try:
+        return (folder_class or ImageFolderSkippingBroken)(folder, transform=transform)
+    except (FileNotFoundError, OSError) as e:
+        runtime.fail(f'--data {root}: no images found in {folder} ({e})')
+
+
+@contextmanager
+def unreadable_data_in_one_line():
+    """A data set without one readable image fails in a loader worker; say so in one line wherever it surfaces."""
+    try:
+        yield
+    except NoReadableImage as e:  # from a worker, its message ends the DataLoader's account of the worker's traceback
+        runtime.fail(str(e).strip().splitlines()[-1].removeprefix('NoReadableImage: '))
+
+
+@dataclass
+class TrainingImages:
+    """What a pre-training loop draws its batches from."""
+    dataset: object  # the training set (an ImageFolderSkippingBroken counts the unreadable files it replaced)
+    vis_dataset: object  # the same images unaugmented, for the reconstruction figures
+    sampler: ResumableSampler  # this rank's share, in an order that set_epoch and .start position
+    loader: object  # iterates (images, labels) on the device, normalised and augmented
+    steps_per_epoch: int  # optimizer steps: batches / --accum_iter
+
+
+def build_training_images(args, rank, world_size, device):
+    """The training images in the resumable, distributed sampler's order, through the pipeline the flags choose:
+    workers that decode and augment (default), --decode_on_device or --gpu_data."""
+    if rank != 0:  # rank 0 downloads first, so that ranks do not race on the same files
+        runtime.barrier()
+    dataset = build_dataset(args, 'train', pretrain_transform(args.img_size),
+                            ImageFileBytes if args.decode_on_device else ImageFolderSkippingBroken)
+    vis_dataset = build_dataset(args, 'train', eval_transform(args.img_size))
+    if rank == 0:
+        runtime.barrier()
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    if args.gpu_data:
+        dataset.transform = transforms.PILToTensor()  # decoded once, augmented on the device
+        loader = GpuDataImages(dataset, sampler, args.batch_size, args.img_size, device, args.num_workers)
+    else:  # workers started once, kept across epochs; uint8 batches, pinned on GPUs, normalised on the device
+        workers = DataLoader(dataset, batch_size=args.batch_size, sampler=ImageSeeds(sampler, args.seed),
+                             num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                             pin_memory=device.type == 'cuda', drop_last=True, worker_init_fn=ignore_stop_signals,
+                             collate_fn=as_lists if args.decode_on_device else None)
+        loader = (DecodedOnDevice(workers, dataset, args.img_size, device) if args.decode_on_device
+                  else NormalizedOnDevice(workers, device))
+    steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        runtime.fail(f'{len(dataset)} images are too few for {world_size} process(es) x --batch_size '
+                     f'{args.batch_size} x --accum_iter {args.accum_iter}')
+    return TrainingImages(dataset, vis_dataset, sampler, loader, steps_per_epoch)

@@ -329,42 +329,9 @@ def evaluate(model, loader, device, autocast):
 # The encoder and the classifier (MAE §A.3, §A.4)
 
 def load_encoder(args):
-    """The encoder, with its pre-trained weights: the architecture comes from the checkpoint's saved args (ours), or
-    from the weights of a timm-format ViT state dict. Fills in args.model/patch_size/img_size."""
-    pretrain, state = {}, None
-    if args.checkpoint != 'none':
-        checkpoint = runtime.load_checkpoint(args.checkpoint)
-        saved_args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
-        if isinstance(saved_args, argparse.Namespace):  # the official MAE, dBOT and ConvMAE code pickle theirs
-            saved_args = vars(saved_args)
-        if isinstance(saved_args, dict) and 'method' in saved_args:  # ours
-            pretrain, state = saved_args, encoder_state_dict(checkpoint['model'])
-        else:
-            try:  # a timm-format ViT (e.g. an --export_timm file, or DINO's): the weights tell the architecture
-                state = read_encoder_state_dict(args.checkpoint)
-            except ValueError as e:
-                runtime.fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
-            if 'norm.weight' not in state:  # a fine-tuned export: fc_norm and head in place of the final norm
-                if args.mode != 'finetune':
-                    runtime.fail(f'--checkpoint {args.checkpoint} is a fine-tuned classifier (it has no final norm): '
-                                 f'--mode {args.mode} needs a pre-trained encoder')
-                width = state['patch_embed.proj.weight'].shape[0]  # fine-tuning replaces that norm anyway
-                state.update({'norm.weight': torch.ones(width), 'norm.bias': torch.zeros(width)})
-            # Its pre-training size: an official checkpoint's pickled --input_size, else the position embedding's
-            # grid times the patch size (a bare state dict names no size).
-            grid = int((state['pos_embed'].shape[1] - 1) ** 0.5)
-            patch = state['patch_embed.proj.weight'].shape[-1]
-            img_size = args.img_size or (saved_args or {}).get('input_size') or grid * patch
-            try:
-                vit = build_vit(state, img_size)
-            except ValueError as e:
-                runtime.fail(f'--checkpoint {args.checkpoint}: {e}')
-            pretrain = dict(method='mae', patch_size=vit.patch_size, img_size=img_size,
-                            model=next((n for n, s in VIT_SIZES.items() if s['embed_dim'] == vit.cls_token.shape[-1]
-                                        and s['depth'] == len(vit.blocks)), None))
-            if pretrain['model'] is None:
-                runtime.fail(f'--checkpoint {args.checkpoint}: a ViT of width {vit.cls_token.shape[-1]} and depth '
-                             f'{len(vit.blocks)} matches none of {sorted(VIT_SIZES)}')
+    """The encoder, with its pre-trained weights (read_pretrained), or freshly initialised for --checkpoint none.
+    Fills in args.method/model/patch_size/img_size from the pre-training where the flags leave them open."""
+    pretrain, state = read_pretrained(args) if args.checkpoint != 'none' else ({}, None)
     args.method = pretrain.get('method', args.method)
     for key in ('model', 'patch_size', 'img_size'):
         if getattr(args, key) is None:
@@ -388,6 +355,42 @@ def load_encoder(args):
                      f'{args.model}/{args.patch_size}: '
                      + ' '.join(str(e).split())[:600])
     return encoder
+
+
+def read_pretrained(args):
+    """-> (the pre-training's flags, the encoder's weights) of --checkpoint: ours name the flags in their saved args;
+    a timm-format ViT state dict (an --export_timm file, DINO's, an official MAE checkpoint) tells them by its
+    weights."""
+    checkpoint = runtime.load_checkpoint(args.checkpoint)
+    saved_args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    if isinstance(saved_args, argparse.Namespace):  # the official MAE, dBOT and ConvMAE code pickle theirs
+        saved_args = vars(saved_args)
+    if isinstance(saved_args, dict) and 'method' in saved_args:  # ours
+        return saved_args, encoder_state_dict(checkpoint['model'])
+    try:
+        state = read_encoder_state_dict(args.checkpoint)
+    except ValueError as e:
+        runtime.fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
+    if 'norm.weight' not in state:  # a fine-tuned export: fc_norm and head in place of the final norm
+        if args.mode != 'finetune':
+            runtime.fail(f'--checkpoint {args.checkpoint} is a fine-tuned classifier (it has no final norm): '
+                         f'--mode {args.mode} needs a pre-trained encoder')
+        width = state['patch_embed.proj.weight'].shape[0]  # fine-tuning replaces that norm anyway
+        state.update({'norm.weight': torch.ones(width), 'norm.bias': torch.zeros(width)})
+    # Its pre-training size: an official checkpoint's pickled --input_size, else the position embedding's grid times
+    # the patch size (a bare state dict names no size).
+    grid = int((state['pos_embed'].shape[1] - 1) ** 0.5)
+    img_size = args.img_size or (saved_args or {}).get('input_size') or grid * state['patch_embed.proj.weight'].shape[-1]
+    try:
+        vit = build_vit(state, img_size)
+    except ValueError as e:
+        runtime.fail(f'--checkpoint {args.checkpoint}: {e}')
+    width, depth = vit.cls_token.shape[-1], len(vit.blocks)
+    model = next((n for n, size in VIT_SIZES.items() if (size['embed_dim'], size['depth']) == (width, depth)), None)
+    if model is None:
+        runtime.fail(f'--checkpoint {args.checkpoint}: a ViT of width {width} and depth {depth} matches none of '
+                     f'{sorted(VIT_SIZES)}')
+    return dict(method='mae', patch_size=vit.patch_size, img_size=img_size, model=model), state
 
 
 class Classifier(nn.Module):
@@ -562,20 +565,7 @@ def set_up_training(run):
     else:
         run.optimizer = torch.optim.SGD([p for p in run.raw_model.parameters() if p.requires_grad], lr=run.peak_lr,
                                         momentum=0.9, weight_decay=args.weight_decay)
-    run.start_epoch, run.best_acc1, run.ckpt = 0, 0.0, None
-    run.identity = run_identity(args)
-    run.resume = Path(args.resume) if args.resume else run.out / 'checkpoint-last.pth'
-    if args.resume or run.resume.exists():
-        run.ckpt = runtime.load_checkpoint(run.resume, ('model', 'optimizer', 'epoch', 'step', 'best_acc1', 'args'))
-        runtime.refuse_another_run(run.ckpt.get('identity', {}), run.identity, run.resume)
-        runtime.load_state(run.raw_model, run.ckpt['model'], run.resume)
-        runtime.load_state(run.optimizer, run.ckpt['optimizer'], f'the optimizer state in {run.resume}')
-        run.start_epoch, run.best_acc1 = run.ckpt['epoch'], run.ckpt['best_acc1']
-        run.ckpt = {key: value for key, value in run.ckpt.items() if key not in ('model', 'optimizer')}  # restored
-        if run.is_main:
-            print(f'resumed from {run.resume} at epoch {run.start_epoch}, step {run.ckpt["step"]}')
-            runtime.restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch,
-                              run.ckpt.get('log_row'))
+    resume_training(run)
     run.model = run.raw_model
     if run.world_size > 1:
         run.model = DDP(run.raw_model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -585,6 +575,24 @@ def set_up_training(run):
     run.steps_per_epoch = len(run.loader)
     run.warmup_steps = train.warmup_steps(args.warmup_epochs, args.epochs, run.steps_per_epoch, run.is_main)
     run.last_row = run.ckpt.get('log_row') if run.ckpt else None  # the log's last row, kept in every checkpoint
+
+
+def resume_training(run):
+    """The checkpoint this run continues, if any: refused in one line when it is another run's, else its weights,
+    optimizer, epoch and best top-1 restored, and the log made to say what it covers."""
+    run.identity = run_identity(run.args)
+    run.resume = Path(run.args.resume) if run.args.resume else run.out / 'checkpoint-last.pth'
+    if not (run.args.resume or run.resume.exists()):
+        return
+    run.ckpt = runtime.load_checkpoint(run.resume, ('model', 'optimizer', 'epoch', 'step', 'best_acc1', 'args'))
+    runtime.refuse_another_run(run.ckpt.get('identity', {}), run.identity, run.resume)
+    runtime.load_state(run.raw_model, run.ckpt['model'], run.resume)
+    runtime.load_state(run.optimizer, run.ckpt['optimizer'], f'the optimizer state in {run.resume}')
+    run.start_epoch, run.best_acc1 = run.ckpt['epoch'], run.ckpt['best_acc1']
+    run.ckpt = {key: value for key, value in run.ckpt.items() if key not in ('model', 'optimizer')}  # restored
+    if run.is_main:
+        print(f'resumed from {run.resume} at epoch {run.start_epoch}, step {run.ckpt["step"]}')
+        runtime.restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch, run.ckpt.get('log_row'))
 
 
 def run_identity(args):

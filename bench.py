@@ -170,8 +170,8 @@ def get_args_parser():
     parser.add_argument('--methods', default=None,
                         help=f'comma-separated, of {", ".join(sorted(train.METHODS) + ["hf_vitmae"])} (default: all; '
                              f'hf_vitmae needs transformers, which this project does not require)')
-    parser.add_argument('--steps', default=10, type=int, help='timed steps (median reported)')
-    parser.add_argument('--warmup_steps', default=3, type=int)
+    parser.add_argument('--steps', default=10, type=runtime.COUNT, help='timed steps (median reported)')
+    parser.add_argument('--warmup_steps', default=3, type=runtime.AMOUNT)
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')
     parser.set_defaults(data=None, batch_size=64)
@@ -184,8 +184,6 @@ def check_args(args, parser):
     for flag in sorted(set(train_flags) - TRAIN_FLAGS_USED):
         if getattr(args, flag) != parser.get_default(flag):
             runtime.fail(f'--{flag}: bench.py does not use it (it times single steps on fixed images)')
-    if args.steps < 1 or args.warmup_steps < 0:
-        runtime.fail(f'--steps {args.steps} must be at least 1 and --warmup_steps {args.warmup_steps} not negative')
     if args.data_only and args.data is None:
         runtime.fail('--data_only measures the input pipeline of --data FOLDER: give --data')
     known = sorted(train.METHODS) + ['hf_vitmae']

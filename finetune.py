@@ -50,49 +50,49 @@ MODE_DEFAULTS = {
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Fine-tuning, linear probe and k-NN evaluation', add_help=True)
+    parser = runtime.ArgumentParser('Fine-tuning, linear probe and k-NN evaluation')
     parser.add_argument('--checkpoint', required=True,
                         help='train.py checkpoint (any method), dBOT teacher-stageK.pth, timm ViT state dict, or none')
     parser.add_argument('--mode', default='finetune', choices=sorted(MODE_DEFAULTS))
     parser.add_argument('--data', required=True, help='as train.py: cifar10, cifar100, or an ImageFolder with val/')
     parser.add_argument('--data_dir', default='./data')
-    parser.add_argument('--num_workers', default=data.default_workers(), type=int, help='as train.py')
+    parser.add_argument('--num_workers', default=data.default_workers(), type=runtime.AMOUNT, help='as train.py')
     # architecture: from the checkpoint; these only for --checkpoint none (or to change the resolution)
     parser.add_argument('--method', default='mae', choices=sorted(train.METHODS),
                         help='--checkpoint none: whose encoder to build (mcmae/mrmcmae: the hybrid)')
     parser.add_argument('--model', default=None, choices=sorted(VIT_SIZES))
-    parser.add_argument('--patch_size', default=None, type=int)
-    parser.add_argument('--img_size', default=None, type=int, help='default: the pre-training size; '
+    parser.add_argument('--patch_size', default=None, type=runtime.COUNT)
+    parser.add_argument('--img_size', default=None, type=runtime.COUNT, help='default: the pre-training size; '
                         'a different one resamples the position embedding (bicubic)')
-    parser.add_argument('--nb_classes', default=None, type=int, help='default: inferred from the data')
+    parser.add_argument('--nb_classes', default=None, type=runtime.Range(int, 2, 2 ** 31 - 1), help='default: inferred from the data')
     # optimisation (defaults per --mode, see MODE_DEFAULTS)
-    parser.add_argument('--epochs', default=None, type=int)
-    parser.add_argument('--warmup_epochs', default=None, type=int)
-    parser.add_argument('--batch_size', default=128, type=int, help='per process')
-    parser.add_argument('--blr', default=None, type=float, help='lr = blr * batch / 256 (dBOT fine-tunes with 3e-4)')
-    parser.add_argument('--lr', default=None, type=float)
-    parser.add_argument('--min_lr', default=1e-6, type=float)
-    parser.add_argument('--weight_decay', default=None, type=float)
-    parser.add_argument('--layer_decay', default=0.65, type=float, help='0.65 base, 0.75 large/huge')
-    parser.add_argument('--drop_path', default=0.1, type=float)
-    parser.add_argument('--clip_grad', default=None, type=float)
+    parser.add_argument('--epochs', default=None, type=runtime.COUNT)
+    parser.add_argument('--warmup_epochs', default=None, type=runtime.AMOUNT)
+    parser.add_argument('--batch_size', default=128, type=runtime.COUNT, help='per process')
+    parser.add_argument('--blr', default=None, type=runtime.RATE, help='lr = blr * batch / 256 (dBOT fine-tunes with 3e-4)')
+    parser.add_argument('--lr', default=None, type=runtime.RATE)
+    parser.add_argument('--min_lr', default=1e-6, type=runtime.NONNEGATIVE)
+    parser.add_argument('--weight_decay', default=None, type=runtime.NONNEGATIVE)
+    parser.add_argument('--layer_decay', default=0.65, type=runtime.Range(float, 0, 1, open_low=True), help='0.65 base, 0.75 large/huge')
+    parser.add_argument('--drop_path', default=0.1, type=runtime.FRACTION)
+    parser.add_argument('--clip_grad', default=None, type=runtime.Range(float, 0, 1e6, open_low=True))
     # fine-tuning augmentation (timm's implementations)
     # MAE uses rand-m9-mstd0.5-inc1, but timm's increasing posterize (1.0.31) asks Pillow for 0 bits at the top
     # magnitude, which Pillow 13 refuses, killing the data loader; the plain policy posterizes to 4-8 bits.
     parser.add_argument('--aa', default='rand-m9-mstd0.5', help='RandAugment policy (MAE: rand-m9-mstd0.5-inc1)')
-    parser.add_argument('--reprob', default=0.25, type=float, help='random erasing probability')
-    parser.add_argument('--mixup', default=0.8, type=float)
-    parser.add_argument('--cutmix', default=1.0, type=float)
-    parser.add_argument('--smoothing', default=0.1, type=float)
-    parser.add_argument('--crop_pct', default=224 / 256, type=float,
+    parser.add_argument('--reprob', default=0.25, type=runtime.FRACTION, help='random erasing probability')
+    parser.add_argument('--mixup', default=0.8, type=runtime.NONNEGATIVE)
+    parser.add_argument('--cutmix', default=1.0, type=runtime.NONNEGATIVE)
+    parser.add_argument('--smoothing', default=0.1, type=runtime.FRACTION)
+    parser.add_argument('--crop_pct', default=224 / 256, type=runtime.Range(float, 0, 1, open_low=True),
                         help='evaluation centre crop (1.0 for tiny images)')
     # linear probe and k-NN
     parser.add_argument('--pool', default=None, choices=['cls', 'mean'],
                         help='frozen features: cls token (default for ViTs) or mean of the patch tokens')
-    parser.add_argument('--knn_k', default=20, type=int)
-    parser.add_argument('--knn_t', default=0.07, type=float, help='temperature of the k-NN vote weights')
+    parser.add_argument('--knn_k', default=20, type=runtime.COUNT)
+    parser.add_argument('--knn_t', default=0.07, type=runtime.Range(float, 0, 1e3, open_low=True), help='temperature of the k-NN vote weights')
     # system and output
-    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--seed', default=0, type=runtime.SEED)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--precision', default=None, choices=['bf16', 'fp32'],
                         help='bf16 autocast or plain fp32 (default: bf16 on CUDA, fp32 on CPU)')
@@ -606,36 +606,16 @@ def run_identity(args):
 # Flag checks: every flag before any work starts
 
 def validate_args(args):
-    """Every flag checked before any work starts: a bad one ends the run in one line naming it."""
+    """Every flag checked before any work starts: a bad one ends the run in one line naming it (each number's range
+    is declared at the flag: runtime.Range)."""
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.output_dir = args.output_dir or f'./output/{args.mode}'
-    positive = ['batch_size', 'knn_k', 'nb_classes', 'img_size', 'patch_size'] + (['epochs'] * (args.mode != 'knn'))
-    for flag in positive:
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            hint = ' (--mode knn evaluates without training)' if flag == 'epochs' else ''
-            runtime.fail(f'--{flag} {getattr(args, flag)} must be at least 1{hint}')
-    for flag in ('warmup_epochs', 'num_workers', 'min_lr', 'weight_decay', 'mixup', 'cutmix'):
-        if getattr(args, flag) < 0:
-            runtime.fail(f'--{flag} {getattr(args, flag)} must not be negative')
-    for flag in ('blr', 'lr'):
-        if args.mode != 'knn' and getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            runtime.fail(f'--{flag} {getattr(args, flag)} must be positive')
-    for flag, low, high in (('layer_decay', 0, 1), ('crop_pct', 0, 1)):
-        if not low < getattr(args, flag) <= high:
-            runtime.fail(f'--{flag} {getattr(args, flag)} must lie in ({low}, {high}]')
-    for flag in ('drop_path', 'reprob', 'smoothing'):
-        if not 0 <= getattr(args, flag) < 1:
-            runtime.fail(f'--{flag} {getattr(args, flag)} must lie in [0, 1)')
-    if args.knn_t <= 0:
-        runtime.fail(f'--knn_t {args.knn_t}: the vote temperature must be positive')
     try:  # timm asserts on a policy it does not know
         create_transform(32, is_training=True, auto_augment=args.aa)
     except (AssertionError, ValueError, KeyError, IndexError) as e:
         runtime.fail(f'--aa {args.aa}: not a policy timm knows ({e}); e.g. rand-m9-mstd0.5')
-    if args.clip_grad is not None and args.clip_grad <= 0:
-        runtime.fail(f'--clip_grad {args.clip_grad} must be positive (leave it out for no clipping)')
     runtime.check_device(args.device)
     if args.export_timm:  # its folder is made now, so that a bad path fails before training, not after
         folder = Path(args.export_timm).parent

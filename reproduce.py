@@ -16,7 +16,6 @@ invocation, executed in this process with the exact arguments written to command
 on its own.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -67,7 +66,7 @@ TARGETS = {'random-init': '- (no pre-training)', 'mae': 'pixels', 'dbot-stage1':
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Small-scale reproduction of the papers\' claims')
+    parser = runtime.ArgumentParser('Small-scale reproduction of the papers\' claims')
     parser.add_argument('--data', required=True, help='an ImageFolder root with train/ and val/ (Tiny-ImageNet)')
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
     parser.add_argument('--curve', action='store_true',
@@ -79,10 +78,10 @@ def get_args_parser():
     parser.add_argument('--work_dir', default=None, help='checkpoints and logs of every run (default: '
                                                          'output/reproduce-BUDGET; not for git)')
     parser.add_argument('--model', default='vit_tiny')
-    parser.add_argument('--img_size', default=64, type=int)
-    parser.add_argument('--patch_size', default=8, type=int)
-    parser.add_argument('--seed', default=0, type=int)
-    parser.add_argument('--max_minutes', default=None, type=float,
+    parser.add_argument('--img_size', default=64, type=runtime.COUNT)
+    parser.add_argument('--patch_size', default=8, type=runtime.COUNT)
+    parser.add_argument('--seed', default=0, type=runtime.SEED)
+    parser.add_argument('--max_minutes', default=None, type=runtime.Range(float, 0, 1e6, open_low=True),
                         help='stop cleanly after this many minutes (the run in progress checkpoints), report what '
                              'finished; the same command continues')
     return parser
@@ -533,8 +532,6 @@ def time_limit(minutes):
 
 def main(args):
     budget = BUDGETS[args.budget]
-    if args.max_minutes is not None and not 0 < args.max_minutes < 1e6:
-        runtime.fail(f'--max_minutes {args.max_minutes} must be a positive number of minutes')
     if args.curve and not budget['curve']:
         runtime.fail(f'--curve: the {args.budget} budget has no learning curve (it is defined for '
                    f'{", ".join(name for name, b in BUDGETS.items() if b["curve"])})')

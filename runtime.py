@@ -8,6 +8,7 @@ and checkpoint files written so that a kill at any moment leaves the previous on
 import argparse
 import fcntl
 import json
+import math
 import os
 import random
 import signal
@@ -27,6 +28,60 @@ from tqdm import tqdm
 def fail(message):
     """Bad input ends the run with one line naming the problem, not a traceback."""
     raise SystemExit(f'error: {" ".join(str(message).split())}')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusal of a flag is one line naming it and why, as every other refusal here, instead of the
+    whole usage block."""
+
+    def error(self, message):
+        raise SystemExit(f'error: {" ".join(message.split())} (--help lists the flags)')
+
+
+class Range:
+    """A flag's declared type and range, as argparse's `type`: the value must parse as `kind`, be finite, and lie in
+    [low, high] (or, with open_low/open_high, exclude that end). NaN, inf, overflow, empty and out-of-range values are
+    refused at the flag, by name, before any work starts; a flag added later with a Range needs no check of its own.
+    test_bad_input.py walks every parser and requires one on every numeric flag."""
+
+    def __init__(self, kind, low=None, high=None, open_low=False, open_high=False):
+        self.kind, self.low, self.high, self.open_low, self.open_high = kind, low, high, open_low, open_high
+        self.__name__ = kind.__name__  # argparse names the type in its messages
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if self.kind is int else "a number"}')
+        if not math.isfinite(value) or (self.low is not None and (value < self.low or self.open_low and
+                                                                   value == self.low)) or (
+                self.high is not None and (value > self.high or self.open_high and value == self.high)):
+            raise argparse.ArgumentTypeError(f'{text} is outside {self.describe()}')
+        return value
+
+    def describe(self):
+        left = '(-inf' if self.low is None else f'({self.low}' if self.open_low else f'[{self.low}'
+        right = 'inf)' if self.high is None else f'{self.high})' if self.open_high else f'{self.high}]'
+        return f'{left}, {right}'
+
+
+class Ranges:
+    """A comma-separated list of values, each in the Range `item` (e.g. --stage_epochs 800,800)."""
+
+    def __init__(self, item):
+        self.item, self.__name__ = item, 'list'
+
+    def __call__(self, text):
+        return [self.item(part) for part in text.split(',')]
+
+
+# Ranges many flags share
+COUNT = Range(int, 1, 2 ** 31 - 1)  # sizes, steps, epochs: at least one
+AMOUNT = Range(int, 0, 2 ** 31 - 1)  # may be zero
+FRACTION = Range(float, 0, 1, open_high=True)  # [0, 1): drop path, probabilities
+RATE = Range(float, 0, 1e3, open_low=True)  # a positive learning rate or scale
+NONNEGATIVE = Range(float, 0, 1e6)  # weights and decays
+SEED = Range(int, 0, 2 ** 63 - 1)  # what torch.manual_seed takes
 
 
 def check_device(name):

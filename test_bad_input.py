@@ -19,7 +19,10 @@ import torchvision
 from PIL import Image
 
 import data
+import bench
 import finetune
+import reproduce
+import runtime
 import train
 from conftest import make_image_folder
 
@@ -334,3 +337,41 @@ def test_offline_cifar_names_the_folder_torchvision_reads(tmp_path, monkeypatch)
     kind, message = attempt('train', ['--data', 'cifar100', '--data_dir', str(tmp_path), *PRETRAIN, '--output_dir',
                                       str(tmp_path / 'out')])
     assert kind == 'refused' and str(tmp_path / 'cifar-100-python') in message
+
+
+BOUNDARIES = ('0', '-1', 'nan', 'inf', '-inf', '1e30', '', '0.5', '18446744073709551617')
+
+
+def test_every_numeric_flag_declares_a_range_and_every_boundary_value_is_refused_in_one_line_or_runs(world, capsys):
+    """Every flag of the four scripts that takes a number declares its range (runtime.Range), so a flag added later
+    is covered without a case of its own: each boundary value is refused in one line naming the flag, or lies in the
+    declared range and then, for train.py and finetune.py, runs to the end (or is refused in one line)."""
+    data, root = str(world['data']), world['root']
+    scripts = {'train': (train.get_args_parser(), ['--data', data, *PRETRAIN]),
+               'finetune': (finetune.get_args_parser(), ['--checkpoint', str(world['mae']), '--data', data, *EVALUATE]),
+               'bench': (bench.get_args_parser(), []), 'reproduce': (reproduce.get_args_parser(), ['--data', data])}
+    tried = ran = 0
+    for script, (parser, base) in scripts.items():
+        for action in parser._actions:
+            if action.type in (int, float):
+                pytest.fail(f'{script}.py --{action.dest} takes a number without a declared range (runtime.Range)')
+            if not isinstance(action.type, (runtime.Range, runtime.Ranges)):
+                continue
+            flag = action.option_strings[0]
+            for value in BOUNDARIES:
+                argv = base + [flag] + [value] * (action.nargs if isinstance(action.nargs, int) else 1)
+                argv += ['--output_dir', str(root / f'walk-{script}-{action.dest}-{value or "empty"}')]
+                tried += 1
+                try:
+                    args = parser.parse_args(argv)
+                except SystemExit as e:
+                    assert str(e.code).startswith(f'error: argument {flag}') and '\n' not in str(e.code), (argv, e.code)
+                    continue
+                assert getattr(args, action.dest) is not None, argv
+                if script in ('train', 'finetune'):
+                    kind, detail = attempt(script, argv)
+                    assert kind in ('ran', 'refused'), (argv, detail)
+                    ran += kind == 'ran'
+    with capsys.disabled():
+        print(f'\nnumeric flags: {tried} boundary values tried, {ran} accepted runs ran to the end')
+    assert tried > 400 and ran > 10

@@ -41,7 +41,7 @@ METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'mcmae': mcmae.MCMAE, 'mrmcmae'
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('Masked image pre-training', add_help=True)
+    parser = runtime.ArgumentParser('Masked image pre-training')
     group = parser.add_argument_group('method')
     group.add_argument('--method', default='mae', choices=sorted(METHODS))
     group = parser.add_argument_group('data')
@@ -49,7 +49,7 @@ def get_args_parser():
                        help='cifar10, cifar100, or a folder: an ImageFolder root with train/ (and val/), '
                        'or a folder of class sub-folders')
     group.add_argument('--data_dir', default='./data', help='where cifar10/cifar100 are downloaded to')
-    group.add_argument('--num_workers', default=data.default_workers(), type=int,
+    group.add_argument('--num_workers', default=data.default_workers(), type=runtime.AMOUNT,
                        help='loader processes per training process (default: its share of the cores, at most 8)')
     group.add_argument('--gpu_data', action='store_true',
                        help='decode a small data set (CIFAR, Tiny-ImageNet) once, keep it on the device as uint8 and '
@@ -59,14 +59,14 @@ def get_args_parser():
                        'in batches on the device (nvJPEG on GPUs), then cropped, flipped and normalised there')
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='vit_tiny', choices=sorted(mae.VIT_SIZES))
-    group.add_argument('--img_size', default=32, type=int)
-    group.add_argument('--patch_size', default=4, type=int)
-    group.add_argument('--decoder_dim', default=128, type=int, help='paper (ImageNet): 512')
-    group.add_argument('--decoder_depth', default=4, type=int, help='paper (ImageNet): 8')
-    group.add_argument('--decoder_heads', default=4, type=int, help='paper (ImageNet): 16')
-    group.add_argument('--mask_ratio', default=0.75, type=float)
+    group.add_argument('--img_size', default=32, type=runtime.COUNT)
+    group.add_argument('--patch_size', default=4, type=runtime.COUNT)
+    group.add_argument('--decoder_dim', default=128, type=runtime.COUNT, help='paper (ImageNet): 512')
+    group.add_argument('--decoder_depth', default=4, type=runtime.AMOUNT, help='paper (ImageNet): 8')
+    group.add_argument('--decoder_heads', default=4, type=runtime.COUNT, help='paper (ImageNet): 16')
+    group.add_argument('--mask_ratio', default=0.75, type=runtime.Range(float, 0, 1, open_low=True, open_high=True))
     group.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction)
-    group.add_argument('--drop_path', default=0.0, type=float, help='in encoder and decoder (dBOT base: 0.2)')
+    group.add_argument('--drop_path', default=0.0, type=runtime.FRACTION, help='in encoder and decoder (dBOT base: 0.2)')
     group = parser.add_argument_group('teachers (MR-MAE, dBOT) and stages (dBOT)')
     group.add_argument('--teacher', default=None,
                        help='mrmae: clip+dino (default), clip, dino, or ViT files trained here, joined by "+"; '
@@ -78,31 +78,31 @@ def get_args_parser():
                        help="OpenAI's CLIP weights (the paper's) need QuickGELU; turn off for LAION/DataComp ones")
     group.add_argument('--dino_model', default='vit_base_patch16_224.dino', help='timm model name of the DINO teacher')
     group.add_argument('--dino_weights', default=None, help='its weights: a local timm file, or "hub"')
-    group.add_argument('--mimic_weight', default=1.0, type=float, help='mrmae: weight of the mimic loss')
+    group.add_argument('--mimic_weight', default=1.0, type=runtime.NONNEGATIVE, help='mrmae: weight of the mimic loss')
     group.add_argument('--focused_mimic', action='store_true',
                        help='mrmae: pick the visible tokens by the teacher\'s [CLS] attention (our reading)')
-    group.add_argument('--fusion_layers', default=0, type=int,
+    group.add_argument('--fusion_layers', default=0, type=runtime.AMOUNT,
                        help='mrmae: mimic from a learned mix of the last K encoder layers (our reading)')
-    group.add_argument('--teacher_depth', default=None, type=int,
+    group.add_argument('--teacher_depth', default=None, type=runtime.AMOUNT,
                        help='dbot random teacher: keep only its first N blocks (0: the large/huge recipe)')
-    group.add_argument('--stages', default=None, type=int,
+    group.add_argument('--stages', default=None, type=runtime.COUNT,
                        help='dbot: bootstrapping stages sharing --epochs evenly (default 2; 1 for other methods)')
-    group.add_argument('--stage_epochs', default=None, type=lambda s: [int(n) for n in s.split(',')],
+    group.add_argument('--stage_epochs', default=None, type=runtime.Ranges(runtime.COUNT),
                        help='epochs of each stage, e.g. 800,800 (overrides --epochs)')
     group = parser.add_argument_group('optimisation')
-    group.add_argument('--epochs', default=None, type=int, help='in all stages together (default 200)')
-    group.add_argument('--warmup_epochs', default=10, type=int, help='at the start of every stage')
-    group.add_argument('--batch_size', default=256, type=int, help='per process')
-    group.add_argument('--accum_iter', default=1, type=int, help='micro-batches per optimizer step')
-    group.add_argument('--blr', default=1.5e-4, type=float, help='lr = blr * effective batch / 256')
-    group.add_argument('--lr', default=None, type=float, help='absolute lr; overrides --blr')
-    group.add_argument('--weight_decay', default=0.05, type=float)
-    group.add_argument('--betas', default=(0.9, 0.95), type=float, nargs=2, help="AdamW's betas (MAE: 0.9 0.95)")
-    group.add_argument('--opt_eps', default=1e-8, type=float, help="AdamW's eps")
-    group.add_argument('--clip_grad', default=None, type=float, help='max gradient norm (none by default)')
-    group.add_argument('--skip_nonfinite', default=0, type=int,
+    group.add_argument('--epochs', default=None, type=runtime.COUNT, help='in all stages together (default 200)')
+    group.add_argument('--warmup_epochs', default=10, type=runtime.AMOUNT, help='at the start of every stage')
+    group.add_argument('--batch_size', default=256, type=runtime.COUNT, help='per process')
+    group.add_argument('--accum_iter', default=1, type=runtime.COUNT, help='micro-batches per optimizer step')
+    group.add_argument('--blr', default=1.5e-4, type=runtime.RATE, help='lr = blr * effective batch / 256')
+    group.add_argument('--lr', default=None, type=runtime.RATE, help='absolute lr; overrides --blr')
+    group.add_argument('--weight_decay', default=0.05, type=runtime.NONNEGATIVE)
+    group.add_argument('--betas', default=(0.9, 0.95), type=runtime.FRACTION, nargs=2, help="AdamW's betas (MAE: 0.9 0.95)")
+    group.add_argument('--opt_eps', default=1e-8, type=runtime.Range(float, 0, 1, open_low=True), help="AdamW's eps")
+    group.add_argument('--clip_grad', default=None, type=runtime.Range(float, 0, 1e6, open_low=True), help='max gradient norm (none by default)')
+    group.add_argument('--skip_nonfinite', default=0, type=runtime.AMOUNT,
                        help='skip up to N steps per epoch whose loss is NaN/inf (costs a host sync per step)')
-    group.add_argument('--seed', default=0, type=int)
+    group.add_argument('--seed', default=0, type=runtime.SEED)
     group = parser.add_argument_group('system and output')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     group.add_argument('--precision', default=None, choices=['bf16', 'fp32'],
@@ -111,9 +111,9 @@ def get_args_parser():
     group.add_argument('--output_dir', default='./output')
     group.add_argument('--resume', default='', help='checkpoint to resume from '
                        '(default: OUTPUT_DIR/checkpoint-last.pth when it exists)')
-    group.add_argument('--log_every', default=50, type=int, help='steps between progress updates (host syncs)')
-    group.add_argument('--vis_every', default=10, type=int, help='epochs between reconstruction PNGs')
-    group.add_argument('--save_epochs', default=[], type=lambda s: [int(n) for n in s.split(',')],
+    group.add_argument('--log_every', default=50, type=runtime.COUNT, help='steps between progress updates (host syncs)')
+    group.add_argument('--vis_every', default=10, type=runtime.COUNT, help='epochs between reconstruction PNGs')
+    group.add_argument('--save_epochs', default=[], type=runtime.Ranges(runtime.COUNT),
                        help='also keep the checkpoint after these epochs, e.g. 2,4,8 (checkpoint-epochN.pth), for '
                        'evaluating the encoder along the schedule')
     return parser
@@ -584,64 +584,42 @@ def refuse_unused_flags(args):
 
 
 def validate_args(args):
-    """Every flag checked before any work starts: a bad one ends the run in one line naming it."""
+    """Every flag checked before any work starts: a bad one ends the run in one line naming it. Each number's own range
+    is declared at the flag (runtime.Range); what is checked here is how flags fit together."""
     method = METHODS[args.method]
-    for flag in ('img_size', 'patch_size', 'batch_size', 'accum_iter', 'log_every', 'vis_every', 'decoder_dim',
-                 'decoder_heads'):
-        if getattr(args, flag) < 1:
-            runtime.fail(f'--{flag} {getattr(args, flag)} must be at least 1')
-    for flag in ('warmup_epochs', 'num_workers', 'decoder_depth', 'skip_nonfinite', 'weight_decay', 'mimic_weight',
-                 'fusion_layers'):
-        if getattr(args, flag) < 0:
-            runtime.fail(f'--{flag} {getattr(args, flag)} must not be negative')
     if args.img_size % args.patch_size:
         runtime.fail(f'--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}')
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         runtime.fail(f'--decoder_dim {args.decoder_dim} must be divisible by --decoder_heads {args.decoder_heads} and '
                      f'by 4 (its sin-cos position code)')
-    if not 0 < args.mask_ratio < 1:
-        runtime.fail(f'--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1')
     if args.decode_on_device and args.gpu_data:
         runtime.fail('--decode_on_device and --gpu_data: choose one (--gpu_data for data sets that fit on the device, '
                      '--decode_on_device for image folders that do not)')
     if args.decode_on_device and args.data in ('cifar10', 'cifar100'):
         runtime.fail(f'--decode_on_device reads image files, and {args.data} is a tensor data set: use --gpu_data')
-    if not 0 <= args.drop_path < 1:
-        runtime.fail(f'--drop_path {args.drop_path} must lie in [0, 1)')
-    for flag in ('blr', 'lr', 'opt_eps'):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            runtime.fail(f'--{flag} {getattr(args, flag)} must be positive')
-    if not all(0 <= beta < 1 for beta in args.betas):
-        runtime.fail(f'--betas {" ".join(map(str, args.betas))}: each must lie in [0, 1)')
-    if args.clip_grad is not None and args.clip_grad <= 0:
-        runtime.fail(f'--clip_grad {args.clip_grad} must be positive (leave it out for no clipping)')
     runtime.check_device(args.device)
     depth = mae.VIT_SIZES[args.model]['depth']
-    if args.teacher_depth is not None and not 0 <= args.teacher_depth <= depth:
+    if args.teacher_depth is not None and args.teacher_depth > depth:
         runtime.fail(f'--teacher_depth {args.teacher_depth}: {args.model} has {depth} blocks to keep (0 to {depth})')
     if args.fusion_layers > depth:
         runtime.fail(f'--fusion_layers {args.fusion_layers}: {args.model} has {depth} blocks to mix')
     if args.stages is None:
         args.stages = len(args.stage_epochs) if args.stage_epochs else method.default_stages
-    if args.stages < 1:
-        runtime.fail(f'--stages {args.stages}: a run needs at least one stage')
     if args.stage_epochs:
-        if len(args.stage_epochs) != args.stages or min(args.stage_epochs) < 1:
-            runtime.fail(f'--stage_epochs {args.stage_epochs} must give {args.stages} positive epoch counts')
+        if len(args.stage_epochs) != args.stages:
+            runtime.fail(f'--stage_epochs {args.stage_epochs} must give {args.stages} epoch counts, one per stage')
         if args.epochs is not None and args.epochs != sum(args.stage_epochs):
             runtime.fail(f'--epochs {args.epochs} disagrees with --stage_epochs {args.stage_epochs} '
                          f'({sum(args.stage_epochs)} in all): give one of them')
         args.epochs = sum(args.stage_epochs)
     else:
         args.epochs = 200 if args.epochs is None else args.epochs
-        if args.epochs < 1:
-            runtime.fail(f'--epochs {args.epochs} must be at least 1')
         if args.epochs < args.stages:
             runtime.fail(f'--epochs {args.epochs} is fewer than --stages {args.stages}')
         # an even split; the last stages take the remainder
         args.stage_epochs = [args.epochs // args.stages + (s >= args.stages - args.epochs % args.stages)
                              for s in range(args.stages)]
-    if not all(1 <= epoch <= args.epochs for epoch in args.save_epochs):
+    if not all(epoch <= args.epochs for epoch in args.save_epochs):
         runtime.fail(f'--save_epochs {",".join(map(str, args.save_epochs))}: each must be an epoch of this run (1 to '
                      f'{args.epochs})')
 

@@ -463,14 +463,9 @@ def export_timm(model, encoder, path):
 # Set-up and resume
 
 @dataclass
-class Run:
+class Run(runtime.Run):
     """What one evaluation holds between its phases: the encoder and its data (evaluate_encoder), then for training
     modes the loaders, loss and optimizer and the position being resumed (set_up_training)."""
-    args: argparse.Namespace
-    rank: int
-    world_size: int
-    device: torch.device
-    autocast: object
     # the encoder, the classifier around it, and the data (evaluate_encoder, build_data)
     encoder: nn.Module = None
     raw_model: nn.Module = None
@@ -496,14 +491,6 @@ class Run:
     start_epoch: int = 0
     best_acc1: float = 0.0
     last_row: dict | None = None
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def out(self):
-        return Path(self.args.output_dir)
 
 
 def build_data(run):

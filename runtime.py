@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,25 @@ from tqdm import tqdm
 def fail(message):
     """Bad input ends the run with one line naming the problem, not a traceback."""
     raise SystemExit(f'error: {" ".join(str(message).split())}')
+
+
+@dataclass
+class Run:
+    """What every run of train.py or finetune.py holds first: its flags, its place among the processes torchrun
+    started (0 of 1 alone), its device and its precision (--precision)."""
+    args: argparse.Namespace
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast: object
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def out(self):
+        return Path(self.args.output_dir)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -38,9 +38,7 @@ def attempt(script, argv):
     module = train if script == 'train' else finetune
     try:
         module.main(module.get_args_parser().parse_args(argv))
-    except SystemExit as e:
-        if e.code == 2:  # argparse: a value outside the choices or of the wrong type, with its usage line
-            return 'refused', 'argparse'
+    except SystemExit as e:  # flags the parser refuses end here too, in one line (runtime.ArgumentParser)
         message = str(e.code)
         ok = e.code not in (0, None) and message.startswith('error: ') and '\n' not in message.strip()
         return ('refused', message) if ok else ('traceback', f'SystemExit({message!r})')

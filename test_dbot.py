@@ -177,7 +177,7 @@ def test_teacher_file_loads_as_a_first_teacher(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize('flags,message', [
-    (['--stages', '0'], 'at least one stage'),
+    (['--stages', '0'], r'argument --stages: 0 is outside \[1, '),
     (['--method', 'mae', '--stages', '2'], 'mae does not use it'),
     (['--method', 'mae', '--teacher', 'random'], r'mae does not use it \(it is for dbot, mrmae, mrmcmae\)'),
     (['--teacher_depth', '0', '--method', 'mrmae'], 'mrmae does not use it'),

@@ -197,8 +197,8 @@ def test_skip_nonfinite_skips_isolated_bad_steps(image_folder, tmp_path, monkeyp
 @pytest.mark.parametrize('extra,message', [
     (['--data', '/nonexistent'], 'no such folder'),
     (['--img_size', '36'], 'not divisible by --patch_size'),
-    (['--mask_ratio', '0'], 'strictly between 0 and 1'),
-    (['--method', 'dbot', '--stages', '0'], 'at least one stage'),
+    (['--mask_ratio', '0'], r'argument --mask_ratio: 0 is outside \(0, 1\)'),
+    (['--method', 'dbot', '--stages', '0'], r'argument --stages: 0 is outside \[1, '),
     (['--method', 'mae', '--clip_weights', 'x.pth'], 'mae does not use it'),
     (['--method', 'dbot', '--mimic_weight', '2'], 'dbot does not use it'),
 ])

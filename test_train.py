@@ -105,7 +105,7 @@ def test_weight_decay_skips_biases_norms_and_tokens():
 @pytest.mark.parametrize('flags,message', [
     (['--data', '/nonexistent/folder'], 'no such folder'),
     (['--img_size', '30'], 'not divisible'),
-    (['--mask_ratio', '1.0'], 'strictly between'),
+    (['--mask_ratio', '1.0'], r'argument --mask_ratio: 1.0 is outside \(0, 1\)'),
 ])
 def test_bad_input_is_one_clear_line(image_folder, tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):

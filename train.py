@@ -314,13 +314,8 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
 # Set-up and resume
 
 @dataclass
-class Run:
+class Run(runtime.Run):
     """What one pre-training run holds between its phases: set by set_up, changed by stage switches and epochs."""
-    args: argparse.Namespace
-    rank: int  # this process in the torchrun group (0 alone), and the group's size
-    world_size: int
-    device: torch.device
-    autocast: object  # the precision of every forward (--precision)
     images: data.TrainingImages  # where the batches come from
     resume: Path  # the checkpoint a rerun continues (--resume, or OUTPUT_DIR/checkpoint-last.pth)
     ckpt: dict | None = None  # what was resumed: its position (its weights are freed once restored)
@@ -343,14 +338,6 @@ class Run:
     vis_imgs: torch.Tensor = None
     vis_noise: torch.Tensor = None
     last_row: dict | None = None
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def out(self):
-        return Path(self.args.output_dir)
 
     @property
     def steps_per_epoch(self):

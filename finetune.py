@@ -64,16 +64,19 @@ def get_args_parser():
     parser.add_argument('--patch_size', default=None, type=runtime.COUNT)
     parser.add_argument('--img_size', default=None, type=runtime.COUNT, help='default: the pre-training size; '
                         'a different one resamples the position embedding (bicubic)')
-    parser.add_argument('--nb_classes', default=None, type=runtime.Range(int, 2, 2 ** 31 - 1), help='default: inferred from the data')
+    parser.add_argument('--nb_classes', default=None, type=runtime.Range(int, 2, 2 ** 31 - 1),
+                        help='default: inferred from the data')
     # optimisation (defaults per --mode, see MODE_DEFAULTS)
     parser.add_argument('--epochs', default=None, type=runtime.COUNT)
     parser.add_argument('--warmup_epochs', default=None, type=runtime.AMOUNT)
     parser.add_argument('--batch_size', default=128, type=runtime.COUNT, help='per process')
-    parser.add_argument('--blr', default=None, type=runtime.RATE, help='lr = blr * batch / 256 (dBOT fine-tunes with 3e-4)')
+    parser.add_argument('--blr', default=None, type=runtime.RATE,
+                        help='lr = blr * batch / 256 (dBOT fine-tunes with 3e-4)')
     parser.add_argument('--lr', default=None, type=runtime.RATE)
     parser.add_argument('--min_lr', default=1e-6, type=runtime.NONNEGATIVE)
     parser.add_argument('--weight_decay', default=None, type=runtime.NONNEGATIVE)
-    parser.add_argument('--layer_decay', default=0.65, type=runtime.Range(float, 0, 1, open_low=True), help='0.65 base, 0.75 large/huge')
+    parser.add_argument('--layer_decay', default=0.65, type=runtime.Range(float, 0, 1, open_low=True),
+                        help='0.65 base, 0.75 large/huge')
     parser.add_argument('--drop_path', default=0.1, type=runtime.FRACTION)
     parser.add_argument('--clip_grad', default=None, type=runtime.Range(float, 0, 1e6, open_low=True))
     # fine-tuning augmentation (timm's implementations)
@@ -90,7 +93,8 @@ def get_args_parser():
     parser.add_argument('--pool', default=None, choices=['cls', 'mean'],
                         help='frozen features: cls token (default for ViTs) or mean of the patch tokens')
     parser.add_argument('--knn_k', default=20, type=runtime.COUNT)
-    parser.add_argument('--knn_t', default=0.07, type=runtime.Range(float, 0, 1e3, open_low=True), help='temperature of the k-NN vote weights')
+    parser.add_argument('--knn_t', default=0.07, type=runtime.Range(float, 0, 1e3, open_low=True),
+                        help='temperature of the k-NN vote weights')
     # system and output
     parser.add_argument('--seed', default=0, type=runtime.SEED)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -261,13 +265,15 @@ def extract_features(classifier, dataset, args, device, split):
 
 def knn_evaluate(bank, bank_labels, queries, query_labels, num_classes, k, temperature):
     """Weighted k-NN on L2-normalised frozen features (as DINO): each of the k most cosine-similar training images
-    votes for its class with weight exp(similarity / temperature)."""
+    votes for its class with weight exp(similarity / temperature). The weights are computed relative to the nearest
+    neighbour's, in float64: the same vote up to a factor per query, which overflows at no temperature (exp(1 / 0.01)
+    is beyond float32)."""
     bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
     top1 = top5 = 0
     for start in range(0, len(queries), 256):
         similarity, neighbours = (queries[start:start + 256] @ bank.T).topk(min(k, len(bank)), dim=1)
-        votes = torch.zeros(len(similarity), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
+        votes = torch.zeros(len(similarity), num_classes, device=bank.device, dtype=torch.float64)
+        votes.scatter_add_(1, bank_labels[neighbours], ((similarity - similarity[:, :1]).double() / temperature).exp())
         predictions = votes.topk(min(5, num_classes), dim=1).indices
         truth = query_labels[start:start + 256]
         top1 += (predictions[:, 0] == truth).sum().item()
@@ -380,7 +386,8 @@ def read_pretrained(args):
     # Its pre-training size: an official checkpoint's pickled --input_size, else the position embedding's grid times
     # the patch size (a bare state dict names no size).
     grid = int((state['pos_embed'].shape[1] - 1) ** 0.5)
-    img_size = args.img_size or (saved_args or {}).get('input_size') or grid * state['patch_embed.proj.weight'].shape[-1]
+    patch = state['patch_embed.proj.weight'].shape[-1]
+    img_size = args.img_size or (saved_args or {}).get('input_size') or grid * patch
     try:
         vit = build_vit(state, img_size)
     except ValueError as e:

@@ -105,6 +105,7 @@ def cases(w):
         ['--decoder_dim', '30'], ['--decoder_heads', '0'], ['--decoder_heads', '3'], ['--decoder_depth', '-1'],
         ['--log_every', '0'], ['--log_every', '-1'], ['--vis_every', '0'], ['--num_workers', '-1'],
         ['--save_epochs', '0'], ['--save_epochs', '2'], ['--save_epochs', '1,x'], ['--save_epochs', ''],
+        ['--mask_ratio', '0.99'], ['--mask_ratio', '1e-17'], ['--img_size', '8', '--patch_size', '8'],
         ['--device', 'cuda'] if not torch.cuda.is_available() else ['--device', 'cuda:99'], ['--device', 'tpu'],
         ['--device', 'bogus'], ['--betas', '1.0', '0.9'], ['--betas', '0.9', '-0.1'], ['--opt_eps', '0'],
         ['--clip_grad', '0'], ['--clip_grad', '-1'], ['--skip_nonfinite', '-1'], ['--precision', 'fp16'],

@@ -271,3 +271,17 @@ def test_safetensors_export_reads_back_as_a_checkpoint_and_a_teacher(pretrained,
     teacher, source = teachers.load_own(str(exported), (4, 4))
     trained = encoder_state_dict(torch.load(pretrained, weights_only=False)['model'])
     assert torch.equal(teacher.backbone.blocks[0].attn.qkv.weight, trained['blocks.0.attn.qkv.weight'])
+
+
+def test_knn_votes_do_not_overflow_at_a_low_temperature():
+    """--knn_t 0.01: exp(similarity / 0.01) is beyond float32 from similarity 0.89 on. One neighbour of class 1 at
+    cosine 0.99 outweighs three of class 0 at 0.95 (exp(99) > 3 exp(95)); with overflowing weights both classes got
+    inf and the tie picked class 0."""
+    def at(cosine):  # a unit vector at this cosine similarity to the query, the first axis
+        return torch.tensor([cosine, (1 - cosine ** 2) ** 0.5, 0.0])
+    bank = torch.stack([at(0.95), at(0.95), at(0.95), at(0.99), torch.tensor([0.0, 0.0, 1.0])])
+    labels = torch.tensor([0, 0, 0, 1, 0])
+    query = torch.tensor([[1.0, 0.0, 0.0]])
+    assert (torch.tensor([0.95, 0.99]) / 0.01).exp().isinf().all()  # what float32 made of both classes' votes
+    result = finetune.knn_evaluate(bank, labels, query, torch.tensor([1]), 2, k=4, temperature=0.01)
+    assert result['val_acc1'] == 100.0

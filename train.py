@@ -66,7 +66,8 @@ def get_args_parser():
     group.add_argument('--decoder_heads', default=4, type=runtime.COUNT, help='paper (ImageNet): 16')
     group.add_argument('--mask_ratio', default=0.75, type=runtime.Range(float, 0, 1, open_low=True, open_high=True))
     group.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction)
-    group.add_argument('--drop_path', default=0.0, type=runtime.FRACTION, help='in encoder and decoder (dBOT base: 0.2)')
+    group.add_argument('--drop_path', default=0.0, type=runtime.FRACTION,
+                       help='in encoder and decoder (dBOT base: 0.2)')
     group = parser.add_argument_group('teachers (MR-MAE, dBOT) and stages (dBOT)')
     group.add_argument('--teacher', default=None,
                        help='mrmae: clip+dino (default), clip, dino, or ViT files trained here, joined by "+"; '
@@ -97,9 +98,11 @@ def get_args_parser():
     group.add_argument('--blr', default=1.5e-4, type=runtime.RATE, help='lr = blr * effective batch / 256')
     group.add_argument('--lr', default=None, type=runtime.RATE, help='absolute lr; overrides --blr')
     group.add_argument('--weight_decay', default=0.05, type=runtime.NONNEGATIVE)
-    group.add_argument('--betas', default=(0.9, 0.95), type=runtime.FRACTION, nargs=2, help="AdamW's betas (MAE: 0.9 0.95)")
+    group.add_argument('--betas', default=(0.9, 0.95), type=runtime.FRACTION, nargs=2,
+                       help="AdamW's betas (MAE: 0.9 0.95)")
     group.add_argument('--opt_eps', default=1e-8, type=runtime.Range(float, 0, 1, open_low=True), help="AdamW's eps")
-    group.add_argument('--clip_grad', default=None, type=runtime.Range(float, 0, 1e6, open_low=True), help='max gradient norm (none by default)')
+    group.add_argument('--clip_grad', default=None, type=runtime.Range(float, 0, 1e6, open_low=True),
+                       help='max gradient norm (none by default)')
     group.add_argument('--skip_nonfinite', default=0, type=runtime.AMOUNT,
                        help='skip up to N steps per epoch whose loss is NaN/inf (costs a host sync per step)')
     group.add_argument('--seed', default=0, type=runtime.SEED)
@@ -111,7 +114,8 @@ def get_args_parser():
     group.add_argument('--output_dir', default='./output')
     group.add_argument('--resume', default='', help='checkpoint to resume from '
                        '(default: OUTPUT_DIR/checkpoint-last.pth when it exists)')
-    group.add_argument('--log_every', default=50, type=runtime.COUNT, help='steps between progress updates (host syncs)')
+    group.add_argument('--log_every', default=50, type=runtime.COUNT,
+                       help='steps between progress updates (host syncs)')
     group.add_argument('--vis_every', default=10, type=runtime.COUNT, help='epochs between reconstruction PNGs')
     group.add_argument('--save_epochs', default=[], type=runtime.Ranges(runtime.COUNT),
                        help='also keep the checkpoint after these epochs, e.g. 2,4,8 (checkpoint-epochN.pth), for '
@@ -576,6 +580,12 @@ def validate_args(args):
     method = METHODS[args.method]
     if args.img_size % args.patch_size:
         runtime.fail(f'--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}')
+    tokens = (args.img_size // args.patch_size) ** 2
+    visible = int(tokens * (1 - args.mask_ratio))  # as the model keeps them (mae.MAE.random_masking)
+    if not 0 < visible < tokens:
+        runtime.fail(f'--mask_ratio {args.mask_ratio} of the {tokens} patches of a {args.img_size} px image in '
+                     f'{args.patch_size} px patches leaves {visible} visible and {tokens - visible} hidden: the '
+                     f'encoder needs at least one of each (a lower ratio, or smaller patches)')
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         runtime.fail(f'--decoder_dim {args.decoder_dim} must be divisible by --decoder_heads {args.decoder_heads} and '
                      f'by 4 (its sin-cos position code)')

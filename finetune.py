@@ -364,25 +364,24 @@ def load_encoder(args):
 
 
 def read_pretrained(args):
-    """-> (the pre-training's flags, the encoder's weights) of --checkpoint: ours name the flags in their saved args;
+    """-> (the pre-training's flags, the encoder's weights) of --checkpoint: ours (train.py's, and finetune.py's own
+    checkpoints, whose classifier head is left behind) name the flags in their saved args;
     a timm-format ViT state dict (an --export_timm file, DINO's, an official MAE checkpoint) tells them by its
     weights."""
     checkpoint = runtime.load_checkpoint(args.checkpoint)
     saved_args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
     if isinstance(saved_args, argparse.Namespace):  # the official MAE, dBOT and ConvMAE code pickle theirs
         saved_args = vars(saved_args)
-    if isinstance(saved_args, dict) and 'method' in saved_args:  # ours
+    if isinstance(saved_args, dict) and 'mode' in saved_args:  # finetune.py's own: its classifier's encoder
+        return saved_args, with_final_norm({k.removeprefix('encoder.'): v for k, v in checkpoint['model'].items()
+                                            if k.startswith('encoder.')}, args)
+    if isinstance(saved_args, dict) and 'method' in saved_args:  # train.py's
         return saved_args, encoder_state_dict(checkpoint['model'])
     try:
         state = read_encoder_state_dict(args.checkpoint)
     except ValueError as e:
         runtime.fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
-    if 'norm.weight' not in state:  # a fine-tuned export: fc_norm and head in place of the final norm
-        if args.mode != 'finetune':
-            runtime.fail(f'--checkpoint {args.checkpoint} is a fine-tuned classifier (it has no final norm): '
-                         f'--mode {args.mode} needs a pre-trained encoder')
-        width = state['patch_embed.proj.weight'].shape[0]  # fine-tuning replaces that norm anyway
-        state.update({'norm.weight': torch.ones(width), 'norm.bias': torch.zeros(width)})
+    state = with_final_norm(state, args)
     # Its pre-training size: an official checkpoint's pickled --input_size, else the position embedding's grid times
     # the patch size (a bare state dict names no size).
     grid = int((state['pos_embed'].shape[1] - 1) ** 0.5)
@@ -398,6 +397,18 @@ def read_pretrained(args):
         runtime.fail(f'--checkpoint {args.checkpoint}: a ViT of width {width} and depth {depth} matches none of '
                      f'{sorted(VIT_SIZES)}')
     return dict(method='mae', patch_size=vit.patch_size, img_size=img_size, model=model), state
+
+
+def with_final_norm(state, args):
+    """A fine-tuned classifier's encoder has fc_norm and a head in place of its final norm: fine-tuning it again
+    replaces that norm anyway (an identity one stands in); frozen features would lack it, so those modes refuse."""
+    if 'norm.weight' in state:
+        return state
+    if args.mode != 'finetune':
+        runtime.fail(f'--checkpoint {args.checkpoint} is a fine-tuned classifier (it has no final norm): --mode '
+                     f'{args.mode} needs a pre-trained encoder')
+    width = state['pos_embed'].shape[-1]
+    return dict(state, **{'norm.weight': torch.ones(width), 'norm.bias': torch.zeros(width)})
 
 
 class Classifier(nn.Module):

@@ -231,6 +231,11 @@ def test_inputs_readme_calls_valid_work_correctly(world, capfd):
                                 '--output_dir', str(root / 'export_run'), '--export_timm', str(exported)])[0] == 'ran'
     assert attempt('finetune', ['--checkpoint', str(exported), '--data', str(world['data']), *EVALUATE,
                                 '--output_dir', str(root / 'refine')])[0] == 'ran'
+    # finetune.py's own checkpoint fine-tunes again (its head is left behind); its frozen features are refused
+    own = ['--checkpoint', str(root / 'export_run' / 'checkpoint-last.pth'), '--data', str(world['data']), *EVALUATE]
+    assert attempt('finetune', own + ['--output_dir', str(root / 'own_finetune')])[0] == 'ran'
+    kind, message = attempt('finetune', own + ['--mode', 'knn', '--output_dir', str(root / 'own_knn')])
+    assert kind == 'refused' and 'is a fine-tuned classifier' in message
     # --export_timm into a folder that does not exist yet, with the extension in capitals: safetensors, no pickle
     exported = root / 'new' / 'folder' / 'encoder.SAFETENSORS'
     assert attempt('finetune', ['--checkpoint', str(world['mae']), '--data', str(world['data']), *EVALUATE, '--mode',

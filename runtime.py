@@ -66,7 +66,6 @@ class Range:
 
     def __init__(self, kind, low=None, high=None, open_low=False, open_high=False):
         self.kind, self.low, self.high, self.open_low, self.open_high = kind, low, high, open_low, open_high
-        self.__name__ = kind.__name__  # argparse names the type in its messages
 
     def __call__(self, text):
         try:
@@ -89,7 +88,7 @@ class Ranges:
     """A comma-separated list of values, each in the Range `item` (e.g. --stage_epochs 800,800)."""
 
     def __init__(self, item):
-        self.item, self.__name__ = item, 'list'
+        self.item = item
 
     def __call__(self, text):
         return [self.item(part) for part in text.split(',')]

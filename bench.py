@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 import data
+import flags
 import flops
 import runtime
 import teachers
@@ -167,11 +168,11 @@ def get_args_parser():
     for action in parser._actions:  # argparse has no public way to hide a parent's flag
         if action.dest not in TRAIN_FLAGS_USED | {'help'}:
             action.help = argparse.SUPPRESS
-    parser.add_argument('--methods', default=None,
+    parser.add_argument('--methods', type=flags.text, default=None,
                         help=f'comma-separated, of {", ".join(sorted(train.METHODS) + ["hf_vitmae"])} (default: all; '
                              f'hf_vitmae needs transformers, which this project does not require)')
-    parser.add_argument('--steps', default=10, type=runtime.COUNT, help='timed steps (median reported)')
-    parser.add_argument('--warmup_steps', default=3, type=runtime.AMOUNT)
+    parser.add_argument('--steps', default=10, type=flags.COUNT, help='timed steps (median reported)')
+    parser.add_argument('--warmup_steps', default=3, type=flags.AMOUNT)
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')
     parser.set_defaults(data=None, batch_size=64)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
+import flags
 import runtime
 import train
 from mae import VIT_SIZES, ViT, build_vit, encoder_state_dict, read_encoder_state_dict, resize_pos_embed
@@ -50,61 +51,73 @@ MODE_DEFAULTS = {
 
 
 def get_args_parser():
-    parser = runtime.ArgumentParser('Fine-tuning, linear probe and k-NN evaluation')
-    parser.add_argument('--checkpoint', required=True,
+    parser = flags.ArgumentParser('Fine-tuning, linear probe and k-NN evaluation')
+    parser.add_argument('--checkpoint', type=flags.text, required=True,
                         help='train.py checkpoint (any method), dBOT teacher-stageK.pth, timm ViT state dict, or none')
     parser.add_argument('--mode', default='finetune', choices=sorted(MODE_DEFAULTS))
-    parser.add_argument('--data', required=True, help='as train.py: cifar10, cifar100, or an ImageFolder with val/')
-    parser.add_argument('--data_dir', default='./data')
-    parser.add_argument('--num_workers', default=data.default_workers(), type=runtime.AMOUNT, help='as train.py')
+    parser.add_argument('--data', type=flags.text, required=True,
+                        help='as train.py: cifar10, cifar100, or an ImageFolder with val/')
+    parser.add_argument('--data_dir', type=flags.text, default='./data')
+    parser.add_argument('--num_workers', default=data.default_workers(), type=flags.AMOUNT, help='as train.py')
     # architecture: from the checkpoint; these only for --checkpoint none (or to change the resolution)
     parser.add_argument('--method', default='mae', choices=sorted(train.METHODS),
                         help='--checkpoint none: whose encoder to build (mcmae/mrmcmae: the hybrid)')
     parser.add_argument('--model', default=None, choices=sorted(VIT_SIZES))
-    parser.add_argument('--patch_size', default=None, type=runtime.COUNT)
-    parser.add_argument('--img_size', default=None, type=runtime.COUNT, help='default: the pre-training size; '
+    parser.add_argument('--patch_size', default=None, type=flags.COUNT)
+    parser.add_argument('--img_size', default=None, type=flags.COUNT, help='default: the pre-training size; '
                         'a different one resamples the position embedding (bicubic)')
-    parser.add_argument('--nb_classes', default=None, type=runtime.Range(int, 2, 2 ** 31 - 1),
+    parser.add_argument('--nb_classes', default=None, type=flags.Range(int, 2, 2 ** 31 - 1),
                         help='default: inferred from the data')
     # optimisation (defaults per --mode, see MODE_DEFAULTS)
-    parser.add_argument('--epochs', default=None, type=runtime.COUNT)
-    parser.add_argument('--warmup_epochs', default=None, type=runtime.AMOUNT)
-    parser.add_argument('--batch_size', default=128, type=runtime.COUNT, help='per process')
-    parser.add_argument('--blr', default=None, type=runtime.RATE,
+    parser.add_argument('--epochs', default=None, type=flags.COUNT)
+    parser.add_argument('--warmup_epochs', default=None, type=flags.AMOUNT)
+    parser.add_argument('--batch_size', default=128, type=flags.COUNT, help='per process')
+    parser.add_argument('--blr', default=None, type=flags.RATE,
                         help='lr = blr * batch / 256 (dBOT fine-tunes with 3e-4)')
-    parser.add_argument('--lr', default=None, type=runtime.RATE)
-    parser.add_argument('--min_lr', default=1e-6, type=runtime.NONNEGATIVE)
-    parser.add_argument('--weight_decay', default=None, type=runtime.NONNEGATIVE)
-    parser.add_argument('--layer_decay', default=0.65, type=runtime.Range(float, 0, 1, open_low=True),
+    parser.add_argument('--lr', default=None, type=flags.RATE)
+    parser.add_argument('--min_lr', default=1e-6, type=flags.NONNEGATIVE)
+    parser.add_argument('--weight_decay', default=None, type=flags.NONNEGATIVE)
+    parser.add_argument('--layer_decay', default=0.65, type=flags.Range(float, 0, 1, open_low=True),
                         help='0.65 base, 0.75 large/huge')
-    parser.add_argument('--drop_path', default=0.1, type=runtime.FRACTION)
-    parser.add_argument('--clip_grad', default=None, type=runtime.Range(float, 0, 1e6, open_low=True))
+    parser.add_argument('--drop_path', default=0.1, type=flags.FRACTION)
+    parser.add_argument('--clip_grad', default=None, type=flags.Range(float, 0, 1e6, open_low=True))
     # fine-tuning augmentation (timm's implementations)
     # MAE uses rand-m9-mstd0.5-inc1, but timm's increasing posterize (1.0.31) asks Pillow for 0 bits at the top
     # magnitude, which Pillow 13 refuses, killing the data loader; the plain policy posterizes to 4-8 bits.
-    parser.add_argument('--aa', default='rand-m9-mstd0.5', help='RandAugment policy (MAE: rand-m9-mstd0.5-inc1)')
-    parser.add_argument('--reprob', default=0.25, type=runtime.FRACTION, help='random erasing probability')
-    parser.add_argument('--mixup', default=0.8, type=runtime.NONNEGATIVE)
-    parser.add_argument('--cutmix', default=1.0, type=runtime.NONNEGATIVE)
-    parser.add_argument('--smoothing', default=0.1, type=runtime.FRACTION)
-    parser.add_argument('--crop_pct', default=224 / 256, type=runtime.Range(float, 0, 1, open_low=True),
+    parser.add_argument('--aa', type=flags.text, default='rand-m9-mstd0.5',
+                        help='RandAugment policy (MAE: rand-m9-mstd0.5-inc1)')
+    parser.add_argument('--reprob', default=0.25, type=flags.FRACTION, help='random erasing probability')
+    parser.add_argument('--mixup', default=0.8, type=flags.NONNEGATIVE)
+    parser.add_argument('--cutmix', default=1.0, type=flags.NONNEGATIVE)
+    parser.add_argument('--smoothing', default=0.1, type=flags.FRACTION)
+    parser.add_argument('--crop_pct', default=224 / 256, type=flags.Range(float, 0, 1, open_low=True),
                         help='evaluation centre crop (1.0 for tiny images)')
     # linear probe and k-NN
     parser.add_argument('--pool', default=None, choices=['cls', 'mean'],
                         help='frozen features: cls token (default for ViTs) or mean of the patch tokens')
-    parser.add_argument('--knn_k', default=20, type=runtime.COUNT)
-    parser.add_argument('--knn_t', default=0.07, type=runtime.Range(float, 0, 1e3, open_low=True),
+    parser.add_argument('--knn_k', default=20, type=flags.COUNT)
+    parser.add_argument('--knn_t', default=0.07, type=flags.Range(float, 0, 1e3, open_low=True),
                         help='temperature of the k-NN vote weights')
     # system and output
-    parser.add_argument('--seed', default=0, type=runtime.SEED)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--seed', default=0, type=flags.SEED)
+    parser.add_argument('--device', type=flags.text, default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--precision', default=None, choices=['bf16', 'fp32'],
                         help='bf16 autocast or plain fp32 (default: bf16 on CUDA, fp32 on CPU)')
-    parser.add_argument('--output_dir', default=None, help='default: ./output/MODE, one folder per mode')
-    parser.add_argument('--resume', default='')
-    parser.add_argument('--export_timm', default=None, help='write the encoder (with its head after fine-tuning) as '
+    parser.add_argument('--output_dir', type=flags.text, default=None,
+                        help='default: ./output/MODE, one folder per mode')
+    parser.add_argument('--resume', type=flags.text, default=None)
+    parser.add_argument('--export_timm', type=flags.text, default=None,
+                        help='write the encoder (with its head after fine-tuning) as '
                         'a timm VisionTransformer state dict: PATH.safetensors (as the hub), or a .pth pickle')
     return parser
+
+
+# What each flag may change when a run resumes (flags.OnResume): a flag named nowhere here is the run's identity.
+ON_RESUME = flags.OnResume(
+    free=('data_dir', 'device', 'output_dir', 'resume', 'export_timm', 'knn_k', 'knn_t'),
+    schedule=('epochs', 'warmup_epochs', 'blr', 'lr', 'min_lr', 'weight_decay', 'layer_decay', 'drop_path',
+              'clip_grad', 'aa', 'reprob', 'mixup', 'cutmix', 'smoothing', 'crop_pct', 'precision'),
+    position=('batch_size', 'seed', 'num_workers'))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -239,7 +252,7 @@ def cached_features(run):
     """Train and val features of the frozen encoder, computed once: kept in OUTPUT_DIR/features.pt with what they are
     of (the checkpoint's content, pooling, image size and crop), so a rerun on the same encoder reads them back."""
     args = run.args
-    key = dict(run_identity(args), pool=args.pool, crop_pct=args.crop_pct)
+    key = dict(run_identity(args), crop_pct=args.crop_pct)
     del key['mode']  # k-NN and the linear classifier read the same features
     path = run.out / 'features.pt'
     if path.exists():
@@ -586,13 +599,11 @@ def resume_training(run):
     """The checkpoint this run continues, if any: refused in one line when it is another run's, else its weights,
     optimizer, epoch and best top-1 restored, and the log made to say what it covers."""
     run.identity = run_identity(run.args)
-    run.resume = Path(run.args.resume) if run.args.resume else run.out / 'checkpoint-last.pth'
-    if not (run.args.resume or run.resume.exists()):
+    run.resume, run.ckpt = runtime.read_resumed(run.args, ('model', 'optimizer', 'epoch', 'step', 'best_acc1'))
+    if not run.ckpt:
         return
-    run.ckpt = runtime.load_checkpoint(run.resume, ('model', 'optimizer', 'epoch', 'step', 'best_acc1', 'args'))
-    runtime.refuse_another_run(run.ckpt.get('identity', {}), run.identity, run.resume)
-    runtime.load_state(run.raw_model, run.ckpt['model'], run.resume)
-    runtime.load_state(run.optimizer, run.ckpt['optimizer'], f'the optimizer state in {run.resume}')
+    ON_RESUME.check(run.ckpt, run.args, run.identity, run.resume, run.is_main)
+    runtime.restore_training(run.ckpt, run.resume, run.raw_model, run.optimizer)
     run.start_epoch, run.best_acc1 = run.ckpt['epoch'], run.ckpt['best_acc1']
     run.ckpt = {key: value for key, value in run.ckpt.items() if key not in ('model', 'optimizer')}  # restored
     if run.is_main:
@@ -601,10 +612,10 @@ def resume_training(run):
 
 
 def run_identity(args):
-    """What makes a fine-tuning checkpoint this run's: the pre-trained file (by content), the mode, the architecture
-    and the data."""
-    identity = runtime.run_identity(args, ('mode', 'method', 'model', 'img_size', 'patch_size', 'data'))
-    return dict(identity, checkpoint='none' if args.checkpoint == 'none' else f'sha256:{sha256(args.checkpoint)}')
+    """What makes a fine-tuning checkpoint this run's: its identity flags (ON_RESUME), the pre-trained file by its
+    content."""
+    checkpoint = 'none' if args.checkpoint == 'none' else f'sha256:{sha256(args.checkpoint)}'
+    return dict(ON_RESUME.identity(args), checkpoint=checkpoint)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -612,7 +623,7 @@ def run_identity(args):
 
 def validate_args(args):
     """Every flag checked before any work starts: a bad one ends the run in one line naming it (each number's range
-    is declared at the flag: runtime.Range)."""
+    is declared at the flag: flags.Range)."""
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -621,7 +632,7 @@ def validate_args(args):
         create_transform(32, is_training=True, auto_augment=args.aa)
     except (AssertionError, ValueError, KeyError, IndexError) as e:
         runtime.fail(f'--aa {args.aa}: not a policy timm knows ({e}); e.g. rand-m9-mstd0.5')
-    runtime.check_device(args.device)
+    flags.check_device(args.device)
     if args.export_timm:  # its folder is made now, so that a bad path fails before training, not after
         folder = Path(args.export_timm).parent
         try:

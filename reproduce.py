@@ -32,6 +32,8 @@ import matplotlib
 import torch
 
 import finetune
+import flags
+import mae
 import runtime
 import train
 
@@ -66,22 +68,23 @@ TARGETS = {'random-init': '- (no pre-training)', 'mae': 'pixels', 'dbot-stage1':
 
 
 def get_args_parser():
-    parser = runtime.ArgumentParser('Small-scale reproduction of the papers\' claims')
-    parser.add_argument('--data', required=True, help='an ImageFolder root with train/ and val/ (Tiny-ImageNet)')
+    parser = flags.ArgumentParser('Small-scale reproduction of the papers\' claims')
+    parser.add_argument('--data', type=flags.text, required=True,
+                        help='an ImageFolder root with train/ and val/ (Tiny-ImageNet)')
     parser.add_argument('--budget', default='cpu', choices=sorted(BUDGETS))
     parser.add_argument('--curve', action='store_true',
                         help='instead of the table: MAE and dBOT pre-trained for a longer schedule, each encoder '
                              'evaluated frozen at points along it (the learning curve; OUTPUT_DIR/curve/)')
-    parser.add_argument('--output_dir', default=None,
+    parser.add_argument('--output_dir', type=flags.text, default=None,
                         help='the table, records, figures, teacher encoders (default: output/reproduce-BUDGET/results; '
                              'the committed records are in results/, give --output_dir results to continue them)')
-    parser.add_argument('--work_dir', default=None, help='checkpoints and logs of every run (default: '
+    parser.add_argument('--work_dir', type=flags.text, default=None, help='checkpoints and logs of every run (default: '
                                                          'output/reproduce-BUDGET; not for git)')
-    parser.add_argument('--model', default='vit_tiny')
-    parser.add_argument('--img_size', default=64, type=runtime.COUNT)
-    parser.add_argument('--patch_size', default=8, type=runtime.COUNT)
-    parser.add_argument('--seed', default=0, type=runtime.SEED)
-    parser.add_argument('--max_minutes', default=None, type=runtime.Range(float, 0, 1e6, open_low=True),
+    parser.add_argument('--model', default='vit_tiny', choices=sorted(mae.VIT_SIZES))
+    parser.add_argument('--img_size', default=64, type=flags.COUNT)
+    parser.add_argument('--patch_size', default=8, type=flags.COUNT)
+    parser.add_argument('--seed', default=0, type=flags.SEED)
+    parser.add_argument('--max_minutes', default=None, type=flags.Range(float, 0, 1e6, open_low=True),
                         help='stop cleanly after this many minutes (the run in progress checkpoints), report what '
                              'finished; the same command continues')
     return parser

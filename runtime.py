@@ -8,7 +8,6 @@ and checkpoint files written so that a kill at any moment leaves the previous on
 import argparse
 import fcntl
 import json
-import math
 import os
 import random
 import signal
@@ -48,70 +47,6 @@ class Run:
     @property
     def out(self):
         return Path(self.args.output_dir)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose refusal of a flag is one line naming it and why, as every other refusal here, instead of the
-    whole usage block."""
-
-    def error(self, message):
-        raise SystemExit(f'error: {" ".join(message.split())} (--help lists the flags)')
-
-
-class Range:
-    """A flag's declared type and range, as argparse's `type`: the value must parse as `kind`, be finite, and lie in
-    [low, high] (or, with open_low/open_high, exclude that end). NaN, inf, overflow, empty and out-of-range values are
-    refused at the flag, by name, before any work starts; a flag added later with a Range needs no check of its own.
-    test_bad_input.py walks every parser and requires one on every numeric flag."""
-
-    def __init__(self, kind, low=None, high=None, open_low=False, open_high=False):
-        self.kind, self.low, self.high, self.open_low, self.open_high = kind, low, high, open_low, open_high
-
-    def __call__(self, text):
-        try:
-            value = self.kind(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if self.kind is int else "a number"}')
-        if not math.isfinite(value) or (self.low is not None and (value < self.low or self.open_low and
-                                                                   value == self.low)) or (
-                self.high is not None and (value > self.high or self.open_high and value == self.high)):
-            raise argparse.ArgumentTypeError(f'{text} is outside {self.describe()}')
-        return value
-
-    def describe(self):
-        left = '(-inf' if self.low is None else f'({self.low}' if self.open_low else f'[{self.low}'
-        right = 'inf)' if self.high is None else f'{self.high})' if self.open_high else f'{self.high}]'
-        return f'{left}, {right}'
-
-
-class Ranges:
-    """A comma-separated list of values, each in the Range `item` (e.g. --stage_epochs 800,800)."""
-
-    def __init__(self, item):
-        self.item = item
-
-    def __call__(self, text):
-        return [self.item(part) for part in text.split(',')]
-
-
-# Ranges many flags share
-COUNT = Range(int, 1, 2 ** 31 - 1)  # sizes, steps, epochs: at least one
-AMOUNT = Range(int, 0, 2 ** 31 - 1)  # may be zero
-FRACTION = Range(float, 0, 1, open_high=True)  # [0, 1): drop path, probabilities
-RATE = Range(float, 0, 1e3, open_low=True)  # a positive learning rate or scale
-NONNEGATIVE = Range(float, 0, 1e6)  # weights and decays
-SEED = Range(int, 0, 2 ** 63 - 1)  # what torch.manual_seed takes
-
-
-def check_device(name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f'--device {name}: not a device name (cpu, cuda, cuda:1, ...)')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        fail(f'--device {name}: no CUDA device is visible to this process; use --device cpu')
-    if device.type not in ('cpu', 'cuda'):
-        fail(f'--device {name}: this script runs on cpu or cuda')
 
 
 def autocast_for(args, device):
@@ -334,24 +269,6 @@ def exclusive_output_dir(path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def run_identity(args, keys):
-    """The flags that make a checkpoint this run's (args: a Namespace or a checkpoint's dict); a data folder by its
-    absolute path."""
-    args = args if isinstance(args, dict) else vars(args)
-    identity = {key: args.get(key) for key in keys}
-    if 'data' in identity and identity['data'] not in ('cifar10', 'cifar100'):
-        identity['data'] = str(Path(identity['data']).resolve())
-    return identity
-
-
-def refuse_another_run(saved, current, path):
-    """Resuming a checkpoint of another run would mix two runs in one log and one model: say which flag differs."""
-    for key, value in current.items():
-        if saved.get(key) != value:
-            fail(f'{path} belongs to another run: its --{key} is {saved.get(key)}, this run\'s is {value}. Continue it '
-                 f'with its own flags, or start afresh with another --output_dir')
-
-
 def load_weights_file(path):
     """A checkpoint or state dict as saved by torch.save (loaded without running pickled code), or a .safetensors
     file (timm's and the Hugging Face hub's format)."""
@@ -389,6 +306,25 @@ def load_checkpoint(path, required_keys=()):
     if missing:
         fail(f'{path} is not a checkpoint of this script (it has no {", ".join(missing)})')
     return checkpoint
+
+
+def read_resumed(args, required):
+    """The checkpoint a run continues: --resume, else OUTPUT_DIR/checkpoint-last.pth when there is one -> (its path,
+    the checkpoint or None). `required`: the keys besides 'args' that the script's checkpoints hold."""
+    path = Path(args.resume) if args.resume else Path(args.output_dir) / 'checkpoint-last.pth'
+    return path, load_checkpoint(path, ('args', *required)) if args.resume or path.exists() else None
+
+
+def restore_training(checkpoint, path, model, optimizer):
+    """The weights and the optimizer's state (moments, step counts) of a resumed checkpoint. The optimizer's
+    hyperparameters (weight decay, betas, eps, lr scales) stay this run's, as its flags set them: load_state_dict
+    would bring back the saved ones, silently undoing a changed schedule flag that flags.OnResume announced."""
+    load_state(model, checkpoint['model'], f'{path} ({checkpoint["args"].get("method")} '
+                                           f'{checkpoint["args"].get("model")})')
+    settings = [{key: value for key, value in group.items() if key != 'params'} for group in optimizer.param_groups]
+    load_state(optimizer, checkpoint['optimizer'], f'the optimizer state in {path}')
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 def load_state(module, state, source):

@@ -19,6 +19,7 @@ import torchvision
 from PIL import Image
 
 import data
+import flags
 import bench
 import finetune
 import reproduce
@@ -38,7 +39,7 @@ def attempt(script, argv):
     module = train if script == 'train' else finetune
     try:
         module.main(module.get_args_parser().parse_args(argv))
-    except SystemExit as e:  # flags the parser refuses end here too, in one line (runtime.ArgumentParser)
+    except SystemExit as e:  # flags the parser refuses end here too, in one line (flags.ArgumentParser)
         message = str(e.code)
         ok = e.code not in (0, None) and message.startswith('error: ') and '\n' not in message.strip()
         return ('refused', message) if ok else ('traceback', f'SystemExit({message!r})')
@@ -209,7 +210,8 @@ def test_inputs_readme_calls_valid_work_correctly(world, capfd):
     capfd.readouterr()
     assert attempt('train', [*argv, '--epochs', '2'])[0] == 'ran'
     out, err = capfd.readouterr()
-    assert 'dropping line 2' in err and 'schedule of [1] epochs per stage; this run\'s is [2]' in out
+    assert 'dropping line 2' in err
+    assert 'was trained with --stage_epochs [1]; this run continues with --stage_epochs [2]' in out
     rows = [json.loads(line) for line in (folder / 'log.jsonl').read_text().splitlines()]
     assert [row['epoch'] for row in rows] == [0, 1]
     # an MCMAE encoder trained here teaches MR-MAE and MR-MCMAE (dBOT's teacher must be a ViT: refused above)
@@ -346,10 +348,11 @@ def test_offline_cifar_names_the_folder_torchvision_reads(tmp_path, monkeypatch)
 BOUNDARIES = ('0', '-1', 'nan', 'inf', '-inf', '1e30', '', '0.5', '18446744073709551617')
 
 
-def test_every_numeric_flag_declares_a_range_and_every_boundary_value_is_refused_in_one_line_or_runs(world, capsys):
-    """Every flag of the four scripts that takes a number declares its range (runtime.Range), so a flag added later
-    is covered without a case of its own: each boundary value is refused in one line naming the flag, or lies in the
-    declared range and then, for train.py and finetune.py, runs to the end (or is refused in one line)."""
+def test_every_flag_declares_its_values_and_every_boundary_value_is_refused_in_one_line_or_runs(world, capsys):
+    """Every flag of the four scripts that takes a value declares it (flags.Range for numbers, flags.text for names
+    and paths, or choices), so a flag added later is covered without a case of its own: each boundary value (an
+    empty one too) is refused in one line naming the flag, or lies in the declared range and then, for train.py and
+    finetune.py, runs to the end (or is refused in one line)."""
     data, root = str(world['data']), world['root']
     scripts = {'train': (train.get_args_parser(), ['--data', data, *PRETRAIN]),
                'finetune': (finetune.get_args_parser(), ['--checkpoint', str(world['mae']), '--data', data, *EVALUATE]),
@@ -358,11 +361,13 @@ def test_every_numeric_flag_declares_a_range_and_every_boundary_value_is_refused
     for script, (parser, base) in scripts.items():
         for action in parser._actions:
             if action.type in (int, float):
-                pytest.fail(f'{script}.py --{action.dest} takes a number without a declared range (runtime.Range)')
-            if not isinstance(action.type, (runtime.Range, runtime.Ranges)):
-                continue
+                pytest.fail(f'{script}.py --{action.dest} takes a number without a declared range (flags.Range)')
+            if action.nargs != 0 and action.type is None and action.choices is None:
+                pytest.fail(f'{script}.py --{action.dest} takes a value without a declared type (flags.text)')
+            values = (BOUNDARIES if isinstance(action.type, (flags.Range, flags.Ranges)) else
+                      ('', ' ') if action.type is flags.text else ())
             flag = action.option_strings[0]
-            for value in BOUNDARIES:
+            for value in values:
                 argv = base + [flag] + [value] * (action.nargs if isinstance(action.nargs, int) else 1)
                 argv += ['--output_dir', str(root / f'walk-{script}-{action.dest}-{value or "empty"}')]
                 tried += 1
@@ -377,5 +382,5 @@ def test_every_numeric_flag_declares_a_range_and_every_boundary_value_is_refused
                     assert kind in ('ran', 'refused'), (argv, detail)
                     ran += kind == 'ran'
     with capsys.disabled():
-        print(f'\nnumeric flags: {tried} boundary values tried, {ran} accepted runs ran to the end')
+        print(f'\nflags: {tried} boundary values tried, {ran} accepted runs ran to the end')
     assert tried > 400 and ran > 10

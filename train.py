@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import data
 import dbot
+import flags
 import flops
 import mae
 import mcmae
@@ -41,15 +42,15 @@ METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'mcmae': mcmae.MCMAE, 'mrmcmae'
 
 
 def get_args_parser():
-    parser = runtime.ArgumentParser('Masked image pre-training')
+    parser = flags.ArgumentParser('Masked image pre-training')
     group = parser.add_argument_group('method')
     group.add_argument('--method', default='mae', choices=sorted(METHODS))
     group = parser.add_argument_group('data')
-    group.add_argument('--data', default='cifar10',
+    group.add_argument('--data', type=flags.text, default='cifar10',
                        help='cifar10, cifar100, or a folder: an ImageFolder root with train/ (and val/), '
                        'or a folder of class sub-folders')
-    group.add_argument('--data_dir', default='./data', help='where cifar10/cifar100 are downloaded to')
-    group.add_argument('--num_workers', default=data.default_workers(), type=runtime.AMOUNT,
+    group.add_argument('--data_dir', type=flags.text, default='./data', help='where cifar10/cifar100 are downloaded to')
+    group.add_argument('--num_workers', default=data.default_workers(), type=flags.AMOUNT,
                        help='loader processes per training process (default: its share of the cores, at most 8)')
     group.add_argument('--gpu_data', action='store_true',
                        help='decode a small data set (CIFAR, Tiny-ImageNet) once, keep it on the device as uint8 and '
@@ -59,68 +60,80 @@ def get_args_parser():
                        'in batches on the device (nvJPEG on GPUs), then cropped, flipped and normalised there')
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='vit_tiny', choices=sorted(mae.VIT_SIZES))
-    group.add_argument('--img_size', default=32, type=runtime.COUNT)
-    group.add_argument('--patch_size', default=4, type=runtime.COUNT)
-    group.add_argument('--decoder_dim', default=128, type=runtime.COUNT, help='paper (ImageNet): 512')
-    group.add_argument('--decoder_depth', default=4, type=runtime.AMOUNT, help='paper (ImageNet): 8')
-    group.add_argument('--decoder_heads', default=4, type=runtime.COUNT, help='paper (ImageNet): 16')
-    group.add_argument('--mask_ratio', default=0.75, type=runtime.Range(float, 0, 1, open_low=True, open_high=True))
+    group.add_argument('--img_size', default=32, type=flags.COUNT)
+    group.add_argument('--patch_size', default=4, type=flags.COUNT)
+    group.add_argument('--decoder_dim', default=128, type=flags.COUNT, help='paper (ImageNet): 512')
+    group.add_argument('--decoder_depth', default=4, type=flags.AMOUNT, help='paper (ImageNet): 8')
+    group.add_argument('--decoder_heads', default=4, type=flags.COUNT, help='paper (ImageNet): 16')
+    group.add_argument('--mask_ratio', default=0.75, type=flags.Range(float, 0, 1, open_low=True, open_high=True))
     group.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction)
-    group.add_argument('--drop_path', default=0.0, type=runtime.FRACTION,
+    group.add_argument('--drop_path', default=0.0, type=flags.FRACTION,
                        help='in encoder and decoder (dBOT base: 0.2)')
     group = parser.add_argument_group('teachers (MR-MAE, dBOT) and stages (dBOT)')
-    group.add_argument('--teacher', default=None,
+    group.add_argument('--teacher', type=flags.text, default=None,
                        help='mrmae: clip+dino (default), clip, dino, or ViT files trained here, joined by "+"; '
                        'dbot: random (default: a frozen copy of the student\'s initialisation) or a ViT '
                        'checkpoint file (ours, timm, official MAE or DINO layout) as the first teacher')
-    group.add_argument('--clip_model', default='ViT-B-16', help='open_clip model name of the CLIP teacher')
-    group.add_argument('--clip_weights', default=None, help='its weights: a local open_clip file, or a tag')
+    group.add_argument('--clip_model', type=flags.text, default='ViT-B-16',
+                       help='open_clip model name of the CLIP teacher')
+    group.add_argument('--clip_weights', type=flags.text, default=None,
+                       help='its weights: a local open_clip file, or a tag')
     group.add_argument('--clip_quick_gelu', default=True, action=argparse.BooleanOptionalAction,
                        help="OpenAI's CLIP weights (the paper's) need QuickGELU; turn off for LAION/DataComp ones")
-    group.add_argument('--dino_model', default='vit_base_patch16_224.dino', help='timm model name of the DINO teacher')
-    group.add_argument('--dino_weights', default=None, help='its weights: a local timm file, or "hub"')
-    group.add_argument('--mimic_weight', default=1.0, type=runtime.NONNEGATIVE, help='mrmae: weight of the mimic loss')
+    group.add_argument('--dino_model', type=flags.text, default='vit_base_patch16_224.dino',
+                       help='timm model name of the DINO teacher')
+    group.add_argument('--dino_weights', type=flags.text, default=None, help='its weights: a local timm file, or "hub"')
+    group.add_argument('--mimic_weight', default=1.0, type=flags.NONNEGATIVE, help='mrmae: weight of the mimic loss')
     group.add_argument('--focused_mimic', action='store_true',
                        help='mrmae: pick the visible tokens by the teacher\'s [CLS] attention (our reading)')
-    group.add_argument('--fusion_layers', default=0, type=runtime.AMOUNT,
+    group.add_argument('--fusion_layers', default=0, type=flags.AMOUNT,
                        help='mrmae: mimic from a learned mix of the last K encoder layers (our reading)')
-    group.add_argument('--teacher_depth', default=None, type=runtime.AMOUNT,
+    group.add_argument('--teacher_depth', default=None, type=flags.AMOUNT,
                        help='dbot random teacher: keep only its first N blocks (0: the large/huge recipe)')
-    group.add_argument('--stages', default=None, type=runtime.COUNT,
+    group.add_argument('--stages', default=None, type=flags.COUNT,
                        help='dbot: bootstrapping stages sharing --epochs evenly (default 2; 1 for other methods)')
-    group.add_argument('--stage_epochs', default=None, type=runtime.Ranges(runtime.COUNT),
+    group.add_argument('--stage_epochs', default=None, type=flags.Ranges(flags.COUNT),
                        help='epochs of each stage, e.g. 800,800 (overrides --epochs)')
     group = parser.add_argument_group('optimisation')
-    group.add_argument('--epochs', default=None, type=runtime.COUNT, help='in all stages together (default 200)')
-    group.add_argument('--warmup_epochs', default=10, type=runtime.AMOUNT, help='at the start of every stage')
-    group.add_argument('--batch_size', default=256, type=runtime.COUNT, help='per process')
-    group.add_argument('--accum_iter', default=1, type=runtime.COUNT, help='micro-batches per optimizer step')
-    group.add_argument('--blr', default=1.5e-4, type=runtime.RATE, help='lr = blr * effective batch / 256')
-    group.add_argument('--lr', default=None, type=runtime.RATE, help='absolute lr; overrides --blr')
-    group.add_argument('--weight_decay', default=0.05, type=runtime.NONNEGATIVE)
-    group.add_argument('--betas', default=(0.9, 0.95), type=runtime.FRACTION, nargs=2,
+    group.add_argument('--epochs', default=None, type=flags.COUNT, help='in all stages together (default 200)')
+    group.add_argument('--warmup_epochs', default=10, type=flags.AMOUNT, help='at the start of every stage')
+    group.add_argument('--batch_size', default=256, type=flags.COUNT, help='per process')
+    group.add_argument('--accum_iter', default=1, type=flags.COUNT, help='micro-batches per optimizer step')
+    group.add_argument('--blr', default=1.5e-4, type=flags.RATE, help='lr = blr * effective batch / 256')
+    group.add_argument('--lr', default=None, type=flags.RATE, help='absolute lr; overrides --blr')
+    group.add_argument('--weight_decay', default=0.05, type=flags.NONNEGATIVE)
+    group.add_argument('--betas', default=[0.9, 0.95], type=flags.FRACTION, nargs=2,
                        help="AdamW's betas (MAE: 0.9 0.95)")
-    group.add_argument('--opt_eps', default=1e-8, type=runtime.Range(float, 0, 1, open_low=True), help="AdamW's eps")
-    group.add_argument('--clip_grad', default=None, type=runtime.Range(float, 0, 1e6, open_low=True),
+    group.add_argument('--opt_eps', default=1e-8, type=flags.Range(float, 0, 1, open_low=True), help="AdamW's eps")
+    group.add_argument('--clip_grad', default=None, type=flags.Range(float, 0, 1e6, open_low=True),
                        help='max gradient norm (none by default)')
-    group.add_argument('--skip_nonfinite', default=0, type=runtime.AMOUNT,
+    group.add_argument('--skip_nonfinite', default=0, type=flags.AMOUNT,
                        help='skip up to N steps per epoch whose loss is NaN/inf (costs a host sync per step)')
-    group.add_argument('--seed', default=0, type=runtime.SEED)
+    group.add_argument('--seed', default=0, type=flags.SEED)
     group = parser.add_argument_group('system and output')
-    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    group.add_argument('--device', type=flags.text, default='cuda' if torch.cuda.is_available() else 'cpu')
     group.add_argument('--precision', default=None, choices=['bf16', 'fp32'],
                        help='bf16 autocast or plain fp32 (default: bf16 on CUDA, fp32 on CPU)')
     group.add_argument('--compile', action='store_true', help='torch.compile the model')
-    group.add_argument('--output_dir', default='./output')
-    group.add_argument('--resume', default='', help='checkpoint to resume from '
+    group.add_argument('--output_dir', type=flags.text, default='./output')
+    group.add_argument('--resume', type=flags.text, default=None, help='checkpoint to resume from '
                        '(default: OUTPUT_DIR/checkpoint-last.pth when it exists)')
-    group.add_argument('--log_every', default=50, type=runtime.COUNT,
+    group.add_argument('--log_every', default=50, type=flags.COUNT,
                        help='steps between progress updates (host syncs)')
-    group.add_argument('--vis_every', default=10, type=runtime.COUNT, help='epochs between reconstruction PNGs')
-    group.add_argument('--save_epochs', default=[], type=runtime.Ranges(runtime.COUNT),
+    group.add_argument('--vis_every', default=10, type=flags.COUNT, help='epochs between reconstruction PNGs')
+    group.add_argument('--save_epochs', default=[], type=flags.Ranges(flags.COUNT),
                        help='also keep the checkpoint after these epochs, e.g. 2,4,8 (checkpoint-epochN.pth), for '
                        'evaluating the encoder along the schedule')
     return parser
+
+
+# What each flag may change when a run resumes (flags.OnResume): a flag named nowhere here is the run's identity.
+ON_RESUME = flags.OnResume(
+    free=('data_dir', 'num_workers', 'device', 'compile', 'output_dir', 'resume', 'log_every', 'vis_every',
+          'save_epochs'),
+    schedule=('epochs', 'stage_epochs', 'warmup_epochs', 'blr', 'lr', 'weight_decay', 'betas', 'opt_eps',
+              'clip_grad', 'skip_nonfinite', 'drop_path', 'precision'),
+    position=('batch_size', 'accum_iter', 'seed', 'gpu_data', 'decode_on_device'))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -251,7 +264,7 @@ def run_state(run, log_row):
     """What a checkpoint holds besides its position: weights, optimizer, stage and teacher, flags and the log row."""
     return dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), stage=run.stage,
                 teacher=run.raw_model.teacher_state(run.teacher), args=vars(run.args),
-                identity=runtime.run_identity(run.args, PRETRAIN_IDENTITY), log_row=log_row)
+                identity=ON_RESUME.identity(run.args), log_row=log_row)
 
 
 def switch_stage(run):
@@ -321,7 +334,7 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
 class Run(runtime.Run):
     """What one pre-training run holds between its phases: set by set_up, changed by stage switches and epochs."""
     images: data.TrainingImages  # where the batches come from
-    resume: Path  # the checkpoint a rerun continues (--resume, or OUTPUT_DIR/checkpoint-last.pth)
+    resume: Path = None  # the checkpoint a rerun continues (--resume, or OUTPUT_DIR/checkpoint-last.pth)
     ckpt: dict | None = None  # what was resumed: its position (its weights are freed once restored)
     # the model and its training (build_model; a stage switch brings a new teacher, student and optimizer)
     raw_model: torch.nn.Module = None
@@ -355,13 +368,10 @@ def set_up(args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     run = Run(args, rank, world_size, device, runtime.autocast_for(args, device),
-              data.build_training_images(args, rank, world_size, device),
-              Path(args.resume) if args.resume else Path(args.output_dir) / 'checkpoint-last.pth')
-    required = ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher', 'args')
-    run.ckpt = runtime.load_checkpoint(run.resume, required) if args.resume or run.resume.exists() else None
+              data.build_training_images(args, rank, world_size, device))
+    run.resume, run.ckpt = runtime.read_resumed(args, ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher'))
     if run.ckpt:
-        saved = run.ckpt.get('identity') or runtime.run_identity(run.ckpt['args'], PRETRAIN_IDENTITY)
-        runtime.refuse_another_run(saved, runtime.run_identity(args, PRETRAIN_IDENTITY), run.resume)
+        ON_RESUME.check(run.ckpt, args, ON_RESUME.identity(args), run.resume, run.is_main)
     build_model(run)
     if run.ckpt:
         restore_checkpoint(run)
@@ -412,17 +422,13 @@ def build_model(run):
 def restore_checkpoint(run):
     """Model, optimizer, epoch and stage of the checkpoint being resumed, and a log that says what it covers."""
     args, ckpt, resume = run.args, run.ckpt, run.resume
-    runtime.load_state(run.raw_model, ckpt['model'], f'{resume} ({ckpt["args"]["method"]} {ckpt["args"]["model"]})')
-    runtime.load_state(run.optimizer, ckpt['optimizer'], f'the optimizer state in {resume}')
+    runtime.restore_training(ckpt, resume, run.raw_model, run.optimizer)
     run.start_epoch, run.stage = ckpt['epoch'], ckpt['stage']
     if run.is_main:
         print(f'resumed from {resume} at epoch {run.start_epoch}, step {ckpt["step"]} (stage {run.stage})')
         runtime.restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch, ckpt.get('log_row'))
         runtime.restore_log(run.out / 'steps.jsonl', lambda row: (row['epoch'], row['end_step']) <= (ckpt['epoch'],
                                                                                               ckpt['step']))
-        if ckpt['args']['stage_epochs'] != args.stage_epochs:
-            print(f'note: {resume} was trained on a schedule of {ckpt["args"]["stage_epochs"]} epochs per stage; '
-                  f'this run\'s is {args.stage_epochs}: the lr schedule continues re-stretched to it')
 
 
 def flops_per_image(model, teacher, args, device):
@@ -443,7 +449,6 @@ def announce(run):
           f'{run.world_size} process(es) on {run.device}; effective batch {run.eff_batch}; peak lr {run.peak_lr:.3g}')
 
 
-PRETRAIN_IDENTITY = ('method', 'model', 'img_size', 'patch_size', 'data')
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -576,7 +581,7 @@ def refuse_unused_flags(args):
 
 def validate_args(args):
     """Every flag checked before any work starts: a bad one ends the run in one line naming it. Each number's own range
-    is declared at the flag (runtime.Range); what is checked here is how flags fit together."""
+    is declared at the flag (flags.Range); what is checked here is how flags fit together."""
     method = METHODS[args.method]
     if args.img_size % args.patch_size:
         runtime.fail(f'--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}')
@@ -594,7 +599,7 @@ def validate_args(args):
                      '--decode_on_device for image folders that do not)')
     if args.decode_on_device and args.data in ('cifar10', 'cifar100'):
         runtime.fail(f'--decode_on_device reads image files, and {args.data} is a tensor data set: use --gpu_data')
-    runtime.check_device(args.device)
+    flags.check_device(args.device)
     depth = mae.VIT_SIZES[args.model]['depth']
     if args.teacher_depth is not None and args.teacher_depth > depth:
         runtime.fail(f'--teacher_depth {args.teacher_depth}: {args.model} has {depth} blocks to keep (0 to {depth})')

@@ -295,12 +295,19 @@ def build_dataset(args, split, transform, folder_class=None):
 
 
 @contextmanager
-def unreadable_data_in_one_line():
-    """A data set without one readable image fails in a loader worker; say so in one line wherever it surfaces."""
+def loader_errors_in_one_line():
+    """An error in a loader worker (a data set without one readable image, an augmentation that fails on some image)
+    reaches the main process as the DataLoader's account of the worker's traceback: say it in one line, its last."""
     try:
         yield
-    except NoReadableImage as e:  # from a worker, its message ends the DataLoader's account of the worker's traceback
-        runtime.fail(str(e).strip().splitlines()[-1].removeprefix('NoReadableImage: '))
+    except Exception as e:
+        if 'in DataLoader worker process' not in str(e):
+            raise
+        last = str(e).strip().splitlines()[-1]
+        if isinstance(e, NoReadableImage):
+            runtime.fail(last.removeprefix('NoReadableImage: '))
+        runtime.fail(f'a data loader worker failed: {last}; check the data and the augmentation flags (--num_workers '
+                     f'0 runs the same code in the main process, with a traceback)')
 
 
 @dataclass

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -32,8 +31,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import checkpoints
 import data
 import flags
+import frozen
 import runtime
 import train
 from mae import VIT_SIZES, ViT, build_vit, encoder_state_dict, read_encoder_state_dict, resize_pos_embed
@@ -139,14 +140,15 @@ def evaluate_encoder(args):
     build_data(run)
     run.model = run.raw_model = Classifier(run.encoder, run.num_classes, args.mode, args.pool).to(run.device)
     if args.mode in ('knn', 'frozen'):
-        return frozen(run)
+        return evaluate_frozen(run)
     set_up_training(run)
-    for epoch in range(run.start_epoch, args.epochs):
-        runtime.seed_everything(args.seed, epoch, run.rank)  # as train.py: resume without stored RNG state
-        row = train_one_epoch(run, epoch)
-        if row is None:  # stopped by a signal
-            return
-        end_epoch(run, epoch, row)
+    with runtime.stop_after_step():  # a signal now stops the run after a step, with its position saved
+        for epoch in range(run.start_epoch, args.epochs):
+            runtime.seed_everything(args.seed, epoch, run.rank)  # as train.py: resume without stored RNG state
+            row = train_one_epoch(run, epoch)
+            if row is None:  # stopped by a signal
+                return
+            end_epoch(run, epoch, row)
     if run.is_main:
         print(f'best val top-1: {run.best_acc1:.2f}%')
         if args.export_timm:
@@ -158,7 +160,7 @@ def train_one_epoch(run, epoch):
     row (validation included), or None when a signal stops the run (its exact position is then in the checkpoint)."""
     args, device = run.args, run.device
     total_steps = args.epochs * run.steps_per_epoch
-    first_step, position = runtime.epoch_start(run.ckpt, epoch, run.start_epoch, run.rank, run.world_size, run.resume)
+    first_step, position = checkpoints.epoch_start(run, epoch)
     loss_sum = position['loss_sum'].to(device) if position else torch.zeros((), device=device)
     run.sampler.set_epoch(epoch)
     run.sampler.start = first_step * args.batch_size
@@ -190,8 +192,7 @@ def train_one_epoch(run, epoch):
         if (step + 1) % 50 == 0 or step + 1 == run.steps_per_epoch:  # a host sync: only now and then
             progress.set_postfix(loss=f'{loss_sum.item() / (step + 1):.4f}', lr=f'{lr:.2e}')
         if stop_vote.stops_after(step, run.steps_per_epoch):  # checkpoint, exit 0
-            runtime.save_mid_epoch(run_state(run, run.last_row), epoch, step + 1, run.out, run.is_main, device,
-                                   loss_sum=loss_sum)
+            checkpoints.save_mid_epoch(run, run_state(run), epoch, step + 1, loss_sum=loss_sum)
             return None
     train_loss = runtime.all_reduce_mean(loss_sum / run.steps_per_epoch).item()
     if not math.isfinite(train_loss):
@@ -206,20 +207,20 @@ def end_epoch(run, epoch, row):
     """The end of an epoch: the checkpoint (and checkpoint-best.pth when top-1 improved), then the log row."""
     best = [run.out / 'checkpoint-best.pth'] if row['val_acc1'] > run.best_acc1 else []
     run.best_acc1 = max(run.best_acc1, row['val_acc1'])
-    runtime.save_epoch(dict(run_state(run, row), epoch=epoch + 1, step=0), row, run.out, run.is_main, also=best)
     run.last_row = row
+    checkpoints.save_epoch(run, run_state(run), epoch, also=best)
 
 
-def run_state(run, log_row):
+def run_state(run):
     """What a checkpoint holds besides its position: weights, optimizer, the best top-1 so far, flags and log row."""
     return dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), best_acc1=run.best_acc1,
-                args=vars(run.args), identity=run.identity, log_row=log_row)
+                args=vars(run.args), identity=run.identity, log_row=run.last_row)
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Evaluation on frozen features, and on the validation set
 
-def frozen(run):
+def evaluate_frozen(run):
     """--mode knn (k-NN) and --mode frozen (k-NN and a linear classifier on the same cached features): no training of
     the encoder, one process; the result names the k it really used."""
     args = run.args
@@ -229,9 +230,9 @@ def frozen(run):
     start = time.perf_counter()
     train_x, train_y, val_x, val_y = cached_features(run)
     row = dict(mode=args.mode, k=k, checkpoint=args.checkpoint,
-               **knn_evaluate(train_x, train_y, val_x, val_y, run.num_classes, k, args.knn_t))
+               **frozen.knn_evaluate(train_x, train_y, val_x, val_y, run.num_classes, k, args.knn_t))
     if args.mode == 'frozen':
-        linear = linear_on_features(train_x, train_y, val_x, val_y, run.num_classes, args)
+        linear = frozen.linear_on_features(train_x, train_y, val_x, val_y, run.num_classes, args)
         row.update(knn_acc1=row.pop('val_acc1'), knn_acc5=row.pop('val_acc5'), linear_epochs=args.epochs,
                    linear_acc1=linear['val_acc1'], linear_acc5=linear['val_acc5'])
     row['seconds'] = round(time.perf_counter() - start, 1)
@@ -249,80 +250,11 @@ def frozen(run):
 
 
 def cached_features(run):
-    """Train and val features of the frozen encoder, computed once: kept in OUTPUT_DIR/features.pt with what they are
-    of (the checkpoint's content, pooling, image size and crop), so a rerun on the same encoder reads them back."""
-    args = run.args
-    key = dict(run_identity(args), crop_pct=args.crop_pct)
-    del key['mode']  # k-NN and the linear classifier read the same features
-    path = run.out / 'features.pt'
-    if path.exists():
-        cached = torch.load(path, map_location=run.device, weights_only=True)
-        if cached['key'] == key:
-            return cached['features']
-    features = [*extract_features(run.model, run.train_set, args, run.device, 'train'),
-                *extract_features(run.model, run.val_set, args, run.device, 'val')]
-    runtime.save_checkpoint(dict(key=key, features=features), path)
-    return features
-
-
-@torch.no_grad()
-def extract_features(classifier, dataset, args, device, split):
-    """Frozen features of every image of dataset (its evaluation view), in order: (N, D) float32 and (N,) labels."""
-    classifier.eval()
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                        worker_init_fn=data.ignore_stop_signals)
-    features, labels = zip(*[(classifier.features(x.to(device)).float(), y.to(device))
-                             for x, y in tqdm(loader, desc=f'{split} features')])
-    return torch.cat(features), torch.cat(labels)
-
-
-def knn_evaluate(bank, bank_labels, queries, query_labels, num_classes, k, temperature):
-    """Weighted k-NN on L2-normalised frozen features (as DINO): each of the k most cosine-similar training images
-    votes for its class with weight exp(similarity / temperature). The weights are computed relative to the nearest
-    neighbour's, in float64: the same vote up to a factor per query, which overflows at no temperature (exp(1 / 0.01)
-    is beyond float32)."""
-    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
-    top1 = top5 = 0
-    for start in range(0, len(queries), 256):
-        similarity, neighbours = (queries[start:start + 256] @ bank.T).topk(min(k, len(bank)), dim=1)
-        votes = torch.zeros(len(similarity), num_classes, device=bank.device, dtype=torch.float64)
-        votes.scatter_add_(1, bank_labels[neighbours], ((similarity - similarity[:, :1]).double() / temperature).exp())
-        predictions = votes.topk(min(5, num_classes), dim=1).indices
-        truth = query_labels[start:start + 256]
-        top1 += (predictions[:, 0] == truth).sum().item()
-        top5 += (predictions == truth[:, None]).any(dim=1).sum().item()
-    return dict(val_acc1=100 * top1 / len(queries), val_acc5=100 * top5 / len(queries))
-
-
-def linear_on_features(train_x, train_y, val_x, val_y, num_classes, args):
-    """--mode frozen's linear probe: a linear classifier on cached features, trained in seconds. The features are
-    standardised by the training set's mean and std (MAE §A.4's BatchNorm without affine parameters, whose statistics
-    on fixed features are exactly these), then SGD with momentum and a cosine schedule, as --mode linprobe. Unlike
-    MAE's probe the features are of one centre view per image, computed once: no random crops or flips."""
-    mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
-    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-    head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-    trunc_normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
-    peak_lr = args.lr or args.blr * args.batch_size / 256
-    optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
-    generator = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = max(1, len(train_x) // args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    warmup = train.warmup_steps(args.warmup_epochs, args.epochs, steps_per_epoch)
-    for step in range(total_steps):
-        if step % steps_per_epoch == 0:
-            order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
-        for group in optimizer.param_groups:
-            group['lr'] = train.lr_at(step, total_steps, warmup, peak_lr, args.min_lr)
-        batch = order[step % steps_per_epoch * args.batch_size:][:args.batch_size]
-        F.cross_entropy(head(train_x[batch]), train_y[batch]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        top5 = head(val_x).topk(min(5, num_classes), dim=1).indices
-    return dict(val_acc1=100 * (top5[:, 0] == val_y).sum().item() / len(val_y),
-                val_acc5=100 * (top5 == val_y[:, None]).any(dim=1).sum().item() / len(val_y))
+    """frozen.cached_features, keyed by what the features are of: the checkpoint's content, the architecture, the
+    pooling, the data, the image size and crop (not the mode: k-NN and the linear classifier read the same ones)."""
+    key = {name: value for name, value in run_identity(run.args).items() if name != 'mode'}
+    return frozen.cached_features(run.model, run.train_set, run.val_set, dict(key, crop_pct=run.args.crop_pct),
+                                 run.out / 'features.pt', run.args, run.device)
 
 
 @torch.no_grad()
@@ -381,7 +313,7 @@ def read_pretrained(args):
     checkpoints, whose classifier head is left behind) name the flags in their saved args;
     a timm-format ViT state dict (an --export_timm file, DINO's, an official MAE checkpoint) tells them by its
     weights."""
-    checkpoint = runtime.load_checkpoint(args.checkpoint)
+    checkpoint = checkpoints.load_checkpoint(args.checkpoint)
     saved_args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
     if isinstance(saved_args, argparse.Namespace):  # the official MAE, dBOT and ConvMAE code pickle theirs
         saved_args = vars(saved_args)
@@ -481,12 +413,7 @@ def export_timm(model, encoder, path):
     (a ViT: evaluate_encoder refuses other encoders before any work). A path ending in .safetensors gets that format
     (timm and the Hugging Face hub load it natively, and it holds no pickle); any other, torch.save's."""
     state = {k.removeprefix('encoder.'): v for k, v in model.state_dict().items()} if model else encoder.state_dict()
-    path = Path(path)
-    if path.suffix.lower() == '.safetensors':  # model.SAFETENSORS too: the name promises no pickle inside
-        state = {k: v.detach().contiguous() for k, v in state.items()}
-        runtime.save_checkpoint(state, path, write=lambda tensors, f: f.write(safetensors.torch.save(tensors)))
-    else:
-        runtime.save_checkpoint(state, path)
+    checkpoints.save_checkpoint(state, Path(path))
     print(f'wrote the {"fine-tuned classifier" if model else "encoder"} in timm\'s VisionTransformer layout to {path}')
 
 
@@ -515,13 +442,8 @@ class Run(runtime.Run):
     peak_lr: float = 0.0
     steps_per_epoch: int = 0
     warmup_steps: int = 0
-    # the position: the checkpoint resumed, the identity that must match it, the best top-1 so far, the last row
-    identity: dict = None
-    resume: Path = None
-    ckpt: dict | None = None
-    start_epoch: int = 0
-    best_acc1: float = 0.0
-    last_row: dict | None = None
+    identity: dict = None  # what a checkpoint must match to be continued (run_identity)
+    best_acc1: float = 0.0  # so far
 
 
 def build_data(run):
@@ -592,23 +514,16 @@ def set_up_training(run):
               f'{len(run.train_set)} training images, effective batch {run.eff_batch}, peak lr {run.peak_lr:.3g}')
     run.steps_per_epoch = len(run.loader)
     run.warmup_steps = train.warmup_steps(args.warmup_epochs, args.epochs, run.steps_per_epoch, run.is_main)
-    run.last_row = run.ckpt.get('log_row') if run.ckpt else None  # the log's last row, kept in every checkpoint
 
 
 def resume_training(run):
     """The checkpoint this run continues, if any: refused in one line when it is another run's, else its weights,
     optimizer, epoch and best top-1 restored, and the log made to say what it covers."""
     run.identity = run_identity(run.args)
-    run.resume, run.ckpt = runtime.read_resumed(run.args, ('model', 'optimizer', 'epoch', 'step', 'best_acc1'))
-    if not run.ckpt:
-        return
-    ON_RESUME.check(run.ckpt, run.args, run.identity, run.resume, run.is_main)
-    runtime.restore_training(run.ckpt, run.resume, run.raw_model, run.optimizer)
-    run.start_epoch, run.best_acc1 = run.ckpt['epoch'], run.ckpt['best_acc1']
-    run.ckpt = {key: value for key, value in run.ckpt.items() if key not in ('model', 'optimizer')}  # restored
-    if run.is_main:
-        print(f'resumed from {run.resume} at epoch {run.start_epoch}, step {run.ckpt["step"]}')
-        runtime.restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch, run.ckpt.get('log_row'))
+    checkpoints.read_resumed(run, ('model', 'optimizer', 'epoch', 'step', 'best_acc1'), ON_RESUME, run.identity)
+    if run.ckpt:
+        run.best_acc1 = run.ckpt['best_acc1']
+        checkpoints.restore_training(run, run.raw_model, run.optimizer)
 
 
 def run_identity(args):
@@ -647,7 +562,7 @@ def validate_args(args):
 
 def main(args):
     validate_args(args)
-    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.unreadable_data_in_one_line():
+    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.loader_errors_in_one_line():
         evaluate_encoder(args)
 
 

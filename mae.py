@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 
-import runtime
+import checkpoints
 
 VIT_SIZES = {
     'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
@@ -187,7 +187,7 @@ def read_encoder_state_dict(path, hybrid=False):
     checkpoints ({'teacher': ...} with 'module.backbone.' prefixes); with hybrid=True MCMAE's hybrid encoder too (its
     conv stages under patch_embed.stem1...). Raises ValueError naming the problem."""
     try:
-        checkpoint = runtime.load_weights_file(path)
+        checkpoint = checkpoints.load_weights_file(path)
     except FileNotFoundError:
         raise ValueError(f'{path}: no such file') from None
     except Exception as e:

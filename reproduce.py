@@ -31,6 +31,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
+import checkpoints
 import finetune
 import flags
 import mae
@@ -203,7 +204,7 @@ def execute(run, records, data):
 def keep_teacher_encoder(results):
     """An encoder-only fp16 copy of a finished pre-training (about 11 MB for ViT-Tiny) for the MR rows to mimic."""
     def keep(run):
-        state = runtime.load_checkpoint(run.out / 'checkpoint-last.pth')['model']
+        state = checkpoints.load_checkpoint(run.out / 'checkpoint-last.pth')['model']
         encoder = {k: v.half() for k, v in train.mae.encoder_state_dict(state).items()}
         torch.save(encoder, results / 'encoders' / f'{run.name}-encoder-fp16.pth')
     return keep
@@ -211,7 +212,7 @@ def keep_teacher_encoder(results):
 
 def keep_stage1_encoder(run):
     """dBOT's last teacher is its stage-1 student (dBOT §3): written out so that stage 1 is evaluated too."""
-    torch.save(runtime.load_checkpoint(run.out / 'checkpoint-last.pth')['teacher'], run.out / 'stage1-encoder.pth')
+    torch.save(checkpoints.load_checkpoint(run.out / 'checkpoint-last.pth')['teacher'], run.out / 'stage1-encoder.pth')
 
 
 def keep_log_and_figure(results):
@@ -524,7 +525,7 @@ def time_limit(minutes):
         yield lambda: False
         return
     deadline = clock() + 60 * minutes
-    timer = threading.Timer(60 * minutes, runtime.request_stop, args=(None, None))
+    timer = threading.Timer(60 * minutes, runtime.request_stop)
     timer.daemon = True
     timer.start()
     try:

@@ -1,28 +1,28 @@
 """
 What no paper asks for but a run on a laptop or on 8 GPUs needs, shared by train.py and finetune.py: bad input in
-one line, the process group and its collectives, RNG streams and a rank's position inside an epoch, stopping on a
-signal (and the vote that makes every rank stop at the same step), the output folder's lock and a run's identity,
-and checkpoint files written so that a kill at any moment leaves the previous one intact.
+one line, the process group and its collectives, RNG streams, stopping on a signal (the one stop path of every phase,
+and the vote that makes every rank of a training loop stop at the same step), and the output folder's lock.
+Checkpoint files and the epoch boundary are in checkpoints.py; flags, their ranges and their resume classes in
+flags.py.
 """
 
 import argparse
+import datetime
 import fcntl
-import json
+import multiprocessing
 import os
 import random
 import signal
-import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 
 def fail(message):
@@ -33,12 +33,17 @@ def fail(message):
 @dataclass
 class Run:
     """What every run of train.py or finetune.py holds first: its flags, its place among the processes torchrun
-    started (0 of 1 alone), its device and its precision (--precision)."""
+    started (0 of 1 alone), its device and its precision (--precision); then the checkpoint it continues, if any
+    (checkpoints.read_resumed), and the epoch and log row it has reached."""
     args: argparse.Namespace
     rank: int
     world_size: int
     device: torch.device
     autocast: object
+    resume: Path = None  # --resume, or OUTPUT_DIR/checkpoint-last.pth
+    ckpt: dict | None = None  # what was resumed: its position (its weights are freed once restored)
+    start_epoch: int = 0
+    last_row: dict | None = None  # the log's last row, which every checkpoint holds
 
     @property
     def is_main(self):
@@ -57,11 +62,26 @@ def autocast_for(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == 'bf16' else nullcontext()
 
 
+# How long a process waits for the others of a torchrun group to come (they start together: minutes are plenty)
+SETUP_TIMEOUT = datetime.timedelta(minutes=5)
+
+
 def init_distributed(device_name):
-    """-> (rank, world_size, device). NCCL for GPUs, gloo for CPUs."""
+    """-> (rank, world_size, device). NCCL for GPUs, gloo for CPUs. A process that RANK names part of a group
+    waits for its peers at most SETUP_TIMEOUT, and stops at a signal while it waits."""
     if 'RANK' not in os.environ:
         return 0, 1, torch.device(device_name)
-    store, rank, world_size = next(dist.rendezvous('env://'))
+    missing = [name for name in ('WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_RANK') if not os.environ.get(name)]
+    if missing:
+        fail(f'RANK is set in the environment but {", ".join(missing)} not: start the processes with torchrun, or '
+             f'unset RANK (a leftover of another job?) to run one process')
+    address = f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]}'
+    try:  # the store blocks in C++, where Python runs no signal handler: wait for it in a thread
+        store, rank, world_size = wait_interruptibly(lambda: next(dist.rendezvous('env://', timeout=SETUP_TIMEOUT)))
+    except (RuntimeError, ValueError) as e:  # a time-out, a bad number, an address that does not resolve
+        fail(f'rank {os.environ["RANK"]} of WORLD_SIZE {os.environ["WORLD_SIZE"]} could not meet its peers at '
+             f'{address} within {SETUP_TIMEOUT.seconds} s ({" ".join(str(e).split())[:200]}): start every process '
+             f'(torchrun does), or unset RANK to run one')
     # torchrun --max-restarts starts every attempt's workers on the same store: without a prefix of its own, an attempt
     # can read the addresses a dead attempt's workers left there and fail to connect (seen with gloo).
     store = dist.PrefixStore(f'attempt{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}/', store)
@@ -73,6 +93,26 @@ def init_distributed(device_name):
         device = torch.device('cpu')
         dist.init_process_group('gloo', store=store, rank=rank, world_size=world_size)
     return rank, world_size, device
+
+
+def wait_interruptibly(call):
+    """call() in a helper thread while this (the main) thread waits for it: Python runs signal handlers only in the
+    main thread and only between its own steps, so a call that blocks in C++ would otherwise ignore Ctrl-C."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome['value'] = call()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as it is
+            outcome['error'] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome['value']
 
 
 def all_reduce_mean(tensor):
@@ -141,24 +181,6 @@ def restore_rng_states(states, device):
         torch.cuda.set_rng_state(states['cuda'], device)
 
 
-def gather_positions(device, **sums):
-    """Where every rank stands in an epoch that a signal interrupts: each rank's own RNG states (its masks, drop-path
-    and crops differ from the other ranks') and partial loss sums, gathered in rank order for the checkpoint."""
-    sums = {name: {k: v.cpu() for k, v in value.items()} if isinstance(value, dict) else value.cpu()
-            for name, value in sums.items()}
-    return gather_from_ranks(dict(rng_state=rng_states(device), **sums))
-
-
-def own_position(checkpoint, rank, world_size, path):
-    """This rank's part of gather_positions() in a checkpoint. An epoch cut at a step continues only on as many
-    processes as it began with: each one's share of the epoch and its random streams belong to that split."""
-    positions = checkpoint.get('ranks') or [checkpoint]  # checkpoints of one process before per-rank positions
-    if len(positions) != world_size:
-        fail(f'{path} stopped mid-epoch in a run of {len(positions)} process(es); continue it with '
-             f'{len(positions)} (torchrun --nproc_per_node {len(positions)}), not {world_size}')
-    return positions[rank]
-
-
 def seed_everything(*keys):
     """Seed torch, numpy (timm's Mixup) and Python's random (timm's RandAugment) from a tuple of ints: every (seed,
     epoch, rank) gets its own streams, so a resumed run draws what an uninterrupted one would."""
@@ -182,12 +204,24 @@ def seeded(*keys):
             np.random.set_state(numpy_state)
 
 
-stop_requested = False
+stop_requested = False  # by a signal, or reproduce.py's deadline: the training loops read it after each step
+in_training_loop = False
 
 
-def request_stop(signum, frame):
+def request_stop():
     global stop_requested
     stop_requested = True
+
+
+def on_signal(signum, frame):
+    """SIGTERM (pre-emption) and SIGINT (Ctrl-C). In a training loop they ask it to stop after the current step, to
+    checkpoint its exact position and exit 0 (stop_after_step); in every other phase (set-up, FLOP counting, feature
+    extraction, k-NN, the linear classifier, evaluation, reproduce.py between runs) there is no position to save,
+    and the run ends now, in one line."""
+    request_stop()
+    if not in_training_loop:
+        fail(f'stopped by {signal.Signals(signum).name} where there is nothing to save; the last checkpoint, if any, '
+             f'is intact: the same command continues from it')
 
 
 # How often ranks agree on a signal, in seconds: torchrun sends SIGKILL 30 s after SIGTERM, and rank 0 still has to
@@ -225,11 +259,13 @@ class StopVote:
 
 @contextmanager
 def stop_on_signals():
-    """SIGTERM (pre-emption) and SIGINT (Ctrl-C) set stop_requested instead of killing the process, so that the loop
-    can checkpoint its exact position and exit 0; the previous handlers come back afterwards."""
+    """The one stop path of a script: SIGTERM and SIGINT go to on_signal while it runs, the previous handlers come
+    back afterwards, and loader workers left behind end with it. (multiprocessing ends daemonic children at exit with
+    SIGTERM, which loader workers ignore so that the main process can checkpoint first: an error that left their
+    loader alive would otherwise wait for them forever.)"""
     global stop_requested
     stop_requested = False
-    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
@@ -237,6 +273,20 @@ def stop_on_signals():
             signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+
+@contextmanager
+def stop_after_step():
+    """A training loop: inside, a signal only sets stop_requested, which the loop reads after each step (StopVote)."""
+    global in_training_loop
+    in_training_loop = True
+    try:
+        yield
+    finally:
+        in_training_loop = False
 
 
 @contextmanager
@@ -269,90 +319,6 @@ def exclusive_output_dir(path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def load_weights_file(path):
-    """A checkpoint or state dict as saved by torch.save (loaded without running pickled code), or a .safetensors
-    file (timm's and the Hugging Face hub's format)."""
-    if str(path).endswith('.safetensors'):
-        return safetensors.torch.load_file(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def save_checkpoint(state, path, write=None):
-    """Write to a temp file, fsync, then rename: a kill during the save leaves the previous file intact. A failed
-    write (a full disk) removes the temp file and ends the run in one line; the previous file still stands.
-    write(state, file) serialises (torch.save's pickle unless told otherwise)."""
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            (write or torch.save)(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, Exception):
-            fail(f'could not write {path} ({" ".join(str(e).split())[:200]}); the previous {path.name}, if any, is '
-                 f'intact: make room (or fix the folder) and rerun the same command')
-        raise
-
-
-def load_checkpoint(path, required_keys=()):
-    try:
-        checkpoint = load_weights_file(path)
-    except Exception as e:  # truncated, foreign or missing: one line, whatever torch raised
-        fail(f'cannot read checkpoint {path}: {" ".join(str(e).split())[:300]}')
-    missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        fail(f'{path} is not a checkpoint of this script (it has no {", ".join(missing)})')
-    return checkpoint
-
-
-def read_resumed(args, required):
-    """The checkpoint a run continues: --resume, else OUTPUT_DIR/checkpoint-last.pth when there is one -> (its path,
-    the checkpoint or None). `required`: the keys besides 'args' that the script's checkpoints hold."""
-    path = Path(args.resume) if args.resume else Path(args.output_dir) / 'checkpoint-last.pth'
-    return path, load_checkpoint(path, ('args', *required)) if args.resume or path.exists() else None
-
-
-def restore_training(checkpoint, path, model, optimizer):
-    """The weights and the optimizer's state (moments, step counts) of a resumed checkpoint. The optimizer's
-    hyperparameters (weight decay, betas, eps, lr scales) stay this run's, as its flags set them: load_state_dict
-    would bring back the saved ones, silently undoing a changed schedule flag that flags.OnResume announced."""
-    load_state(model, checkpoint['model'], f'{path} ({checkpoint["args"].get("method")} '
-                                           f'{checkpoint["args"].get("model")})')
-    settings = [{key: value for key, value in group.items() if key != 'params'} for group in optimizer.param_groups]
-    load_state(optimizer, checkpoint['optimizer'], f'the optimizer state in {path}')
-    for group, own in zip(optimizer.param_groups, settings):
-        group.update(own)
-
-
-def load_state(module, state, source):
-    """load_state_dict, with a mismatch reported in one line that names the keys and shapes that disagree."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f'{source} does not fit this run: {" ".join(str(e).split())[:800]}')
-
-
-def restore_log(log_path, covered, last_row=None):
-    """Make a log (log.jsonl, steps.jsonl) say what the checkpoint covers, no more and no less: rows it does not cover
-    (`covered(row)` false: a run killed after logging) go; the checkpoint's own last row, lost if a run died between
-    the two writes, comes back; a line that is no log row (a write cut short, a hand edit) is dropped with a warning."""
-    rows = []
-    for number, line in enumerate(log_path.read_text().splitlines() if log_path.exists() else [], 1):
-        try:
-            row = json.loads(line)
-            keep = covered(row)
-        except (ValueError, KeyError, TypeError):
-            print(f'warning: dropping line {number} of {log_path}, not a log row: {line[:60]!r}', file=sys.stderr)
-            continue
-        rows += [row] if keep else []
-    if last_row is not None and last_row['epoch'] not in {row['epoch'] for row in rows}:
-        rows.append(last_row)
-    log_path.write_text(''.join(json.dumps(row) + '\n' for row in rows))
-
-
 def check_finite(nonfinite_step, epoch, out):
     """Stop every rank when any saw a non-finite loss (tracked on the device, read here at log points)."""
     step = int(max_over_ranks(nonfinite_step))
@@ -360,40 +326,3 @@ def check_finite(nonfinite_step, epoch, out):
         fail(f'the loss became NaN or infinite in epoch {epoch} at step {step} (usually too high a learning rate for '
              f'this batch size: lower --blr, or set --clip_grad; --skip_nonfinite N skips isolated bad batches); the '
              f'last good checkpoint is {out / "checkpoint-last.pth"}')
-
-
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# The epoch boundary, as train.py and finetune.py both cross it
-
-def epoch_start(checkpoint, epoch, start_epoch, rank, world_size, path):
-    """Where an epoch begins -> (0, None), or in the epoch a signal interrupted (the step it stopped after, this rank's
-    saved position: its RNG states and partial loss sums)."""
-    if not (checkpoint and checkpoint['step'] and epoch == start_epoch):
-        return 0, None
-    return checkpoint['step'], own_position(checkpoint, rank, world_size, path)
-
-
-def save_mid_epoch(state, epoch, steps_done, out, is_main, device, **sums):
-    """A signal stops the run mid-epoch: `state` (weights, optimizer, flags) and every rank's exact position (RNG
-    states, partial sums) go into the checkpoint, which rank 0 writes; the same command continues from it."""
-    positions = gather_positions(device, **sums)
-    if is_main:
-        save_checkpoint(dict(state, epoch=epoch, step=steps_done, ranks=positions), out / 'checkpoint-last.pth')
-        print(f'\nstopped by a signal in epoch {epoch} after step {steps_done}; the same command continues from '
-              f'{out / "checkpoint-last.pth"}')
-    barrier()
-
-
-def save_epoch(state, row, out, is_main, also=()):
-    """The end of an epoch: the checkpoint first, holding its log row, then the row in log.jsonl, so that the log
-    never shows an epoch no checkpoint covers. `also`: further files that keep this checkpoint (the best, ...)."""
-    if is_main:
-        for path in also:
-            save_checkpoint(state, path)
-        save_checkpoint(state, out / 'checkpoint-last.pth')
-        with open(out / 'log.jsonl', 'a') as f:
-            f.write(json.dumps(row) + '\n')
-        tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
-    barrier()

@@ -18,12 +18,11 @@ import torch
 import torchvision
 from PIL import Image
 
-import data
-import flags
 import bench
+import data
 import finetune
+import flags
 import reproduce
-import runtime
 import train
 from conftest import make_image_folder
 
@@ -129,8 +128,8 @@ def cases(w):
         ['--method', 'dbot', '--stages', '1', '--teacher', str(w['mcmae'])],
         ['--method', 'mrmcmae', '--teacher', str(w['mcmae']), '--focused_mimic'],  # no [CLS] attention to follow
     ]
-    for i, flags in enumerate(bad_pretrain_flags):
-        out.append(('train', pre('--output_dir', str(r / f'p{i}'), *flags), 'refused'))
+    for i, extra in enumerate(bad_pretrain_flags):
+        out.append(('train', pre('--output_dir', str(r / f'p{i}'), *extra), 'refused'))
     for i, folder in enumerate(['/nonexistent', w['file'], w['empty'], w['val_only'], w['unreadable']]):
         out.append(('train', ['--data', str(folder), *PRETRAIN, '--output_dir', str(r / f'd{i}')], 'refused'))
     out += [

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import finetune
+import frozen
 import teachers
 import train
 from mae import encoder_state_dict, resize_pos_embed
@@ -234,7 +235,8 @@ def colour_classes(root, per_class=12, size=32):
     return root
 
 
-def test_frozen_mode_knn_and_linear_probe_on_features_computed_once(pretrained, tmp_path, monkeypatch):
+def test_frozen_mode_knn_and_linear_probe_on_features_computed_once(pretrained, tmp_path, monkeypatch,
+                                                                    capsys):
     data = colour_classes(tmp_path / 'data')
     out = tmp_path / 'frozen'
     finetune.main(ft_args(pretrained, data, out, '--mode', 'frozen', '--knn_k', '5', '--epochs', '20'))
@@ -242,10 +244,17 @@ def test_frozen_mode_knn_and_linear_probe_on_features_computed_once(pretrained, 
     assert row['mode'] == 'frozen' and row['knn_acc1'] == 100 and row['linear_acc1'] == 100
     assert row['k'] == 5 and row['linear_epochs'] == 20
     # a rerun on the same encoder reads the cached features back; k-NN alone agrees with frozen's k-NN
-    monkeypatch.setattr(finetune, 'extract_features', lambda *a: pytest.fail('features computed again'))
+    monkeypatch.setattr(frozen, 'extract_features', lambda *a: pytest.fail('features computed again'))
     finetune.main(ft_args(pretrained, data, out, '--mode', 'knn', '--knn_k', '5'))
     knn_row = json.loads((out / 'log.jsonl').read_text().splitlines()[-1])
     assert knn_row['val_acc1'] == row['knn_acc1'] and knn_row['val_acc5'] == row['knn_acc5']
+    # a damaged cache (a copy cut short) is rebuilt, with the same result
+    monkeypatch.undo()
+    cache = (out / 'features.pt').read_bytes()
+    (out / 'features.pt').write_bytes(cache[:len(cache) // 2])
+    finetune.main(ft_args(pretrained, data, out, '--mode', 'knn', '--knn_k', '5'))
+    assert 'rebuilding' in capsys.readouterr().err
+    assert json.loads((out / 'log.jsonl').read_text().splitlines()[-1])['val_acc1'] == row['knn_acc1']
 
 
 def test_linear_probe_on_features_learns_a_linear_rule():
@@ -256,9 +265,9 @@ def test_linear_probe_on_features_learns_a_linear_rule():
     args = finetune.get_args_parser().parse_args(['--checkpoint', 'none', '--data', '.', '--mode', 'frozen'])
     finetune.validate_args(args)
     args.batch_size = 32
-    assert finetune.linear_on_features(x[:400], y[:400], x[400:], y[400:], 2, args)['val_acc1'] >= 95
+    assert frozen.linear_on_features(x[:400], y[:400], x[400:], y[400:], 2, args)['val_acc1'] >= 95
     shuffled = y[torch.randperm(600, generator=generator)]
-    assert finetune.linear_on_features(x[:400], shuffled[:400], x[400:], shuffled[400:], 2, args)['val_acc1'] < 75
+    assert frozen.linear_on_features(x[:400], shuffled[:400], x[400:], shuffled[400:], 2, args)['val_acc1'] < 75
 
 
 def test_safetensors_export_reads_back_as_a_checkpoint_and_a_teacher(pretrained, image_folder, tmp_path):
@@ -283,5 +292,5 @@ def test_knn_votes_do_not_overflow_at_a_low_temperature():
     labels = torch.tensor([0, 0, 0, 1, 0])
     query = torch.tensor([[1.0, 0.0, 0.0]])
     assert (torch.tensor([0.95, 0.99]) / 0.01).exp().isinf().all()  # what float32 made of both classes' votes
-    result = finetune.knn_evaluate(bank, labels, query, torch.tensor([1]), 2, k=4, temperature=0.01)
+    result = frozen.knn_evaluate(bank, labels, query, torch.tensor([1]), 2, k=4, temperature=0.01)
     assert result['val_acc1'] == 100.0

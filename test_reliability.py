@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 import finetune
 import runtime
 import train
@@ -94,7 +95,7 @@ def test_signal_saves_the_exact_position_and_the_rerun_continues_exactly(image_f
     checkpoint = torch.load(tmp_path / 'stopped' / 'checkpoint-last.pth', weights_only=True)
     assert (checkpoint['epoch'], checkpoint['step']) == (1, 3)
     monkeypatch.undo()
-    assert signal.getsignal(signum) is not runtime.request_stop  # the handlers are restored
+    assert signal.getsignal(signum) is not runtime.on_signal  # the handlers are restored
     run_in_process(image_folder, tmp_path / 'stopped', '--epochs', '2')
     assert logged(tmp_path / 'stopped') == pytest.approx(logged(tmp_path / 'straight'), rel=1e-4)
 
@@ -133,7 +134,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_exits_0_with_a_checkpo
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / 'checkpoint-last.pth'
-    runtime.save_checkpoint({'weights': torch.ones(3)}, path)
+    checkpoints.save_checkpoint({'weights': torch.ones(3)}, path)
 
     def dies_half_way(obj, f):
         f.write(b'half a checkpoint')
@@ -141,7 +142,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, 'save', dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        runtime.save_checkpoint({'weights': torch.zeros(3)}, path)
+        checkpoints.save_checkpoint({'weights': torch.zeros(3)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)['weights'], torch.ones(3))
 

@@ -26,7 +26,7 @@ def test_smoke_protocol_writes_table_records_figures_and_commands(image_folder, 
 
     def main_signalled_in_dbot(args):
         if args.method == 'dbot' and not (tmp_path / 'work' / 'dbot' / 'checkpoint-last.pth').exists():
-            runtime.request_stop(None, None)  # arrives before the first step's end: the run stops after it
+            runtime.request_stop()  # arrives before the first step's end: the run stops after it
         return real_main(args)
 
     monkeypatch.setattr(train, 'main', main_signalled_in_dbot)

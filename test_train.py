@@ -171,7 +171,7 @@ def stop_at_call(monkeypatch, call):
     def forward_backward(*args, **kwargs):
         calls[0] += 1
         if calls[0] == call:
-            runtime.request_stop(None, None)
+            runtime.request_stop()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, 'forward_backward', forward_backward)

@@ -19,7 +19,6 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+import checkpoints
 import data
 import dbot
 import flags
@@ -145,17 +145,18 @@ def pretrain(args):
     run = set_up(args)
     if run is None:
         return
-    for epoch in range(run.start_epoch, args.epochs):
-        # Every (epoch, rank) has its own RNG streams derived from --seed, so a resumed run draws the same masks,
-        # augmentations and re-initialisations as an uninterrupted one without storing RNG state (data loader
-        # workers are seeded from them). Only a run stopped mid-epoch stores its state, to continue from there.
-        runtime.seed_everything(args.seed, epoch, run.rank)
-        if epoch in run.stage_starts[run.stage + 1:]:
-            switch_stage(run)
-        row = train_one_epoch(run, epoch)
-        if row is None:  # stopped by a signal
-            return
-        end_epoch(run, epoch, row)
+    with runtime.stop_after_step():  # a signal now stops the run after a step, with its position saved
+        for epoch in range(run.start_epoch, args.epochs):
+            # Every (epoch, rank) has its own RNG streams derived from --seed, so a resumed run draws the same masks,
+            # augmentations and re-initialisations as an uninterrupted one without storing RNG state (data loader
+            # workers are seeded from them). Only a run stopped mid-epoch stores its state, to continue from there.
+            runtime.seed_everything(args.seed, epoch, run.rank)
+            if epoch in run.stage_starts[run.stage + 1:]:
+                switch_stage(run)
+            row = train_one_epoch(run, epoch)
+            if row is None:  # stopped by a signal
+                return
+            end_epoch(run, epoch, row)
 
 
 def train_one_epoch(run, epoch):
@@ -164,7 +165,7 @@ def train_one_epoch(run, epoch):
     args = run.args
     stage_steps = args.stage_epochs[run.stage] * run.steps_per_epoch
     step_in_stage = (epoch - run.stage_starts[run.stage]) * run.steps_per_epoch
-    first_step, position = runtime.epoch_start(run.ckpt, epoch, run.start_epoch, run.rank, run.world_size, run.resume)
+    first_step, position = checkpoints.epoch_start(run, epoch)
     batches = begin_epoch(run, epoch, first_step, position)
     tally = EpochTally(run, epoch, first_step, position)
     stop_vote = runtime.StopVote(first_step, run.world_size)
@@ -186,8 +187,8 @@ def train_one_epoch(run, epoch):
             tally.log_point(step + 1, lr)
         if stop_vote.stops_after(step, run.steps_per_epoch):
             tally.stop(step + 1)
-            runtime.save_mid_epoch(run_state(run, run.last_row), epoch, step + 1, run.out, run.is_main, run.device,
-                                   loss_sum=tally.loss_sum, term_sums=tally.term_sums)
+            checkpoints.save_mid_epoch(run, run_state(run), epoch, step + 1, loss_sum=tally.loss_sum,
+                                       term_sums=tally.term_sums)
             return None
     return tally.epoch_row(lr)
 
@@ -246,8 +247,8 @@ def end_epoch(run, epoch, row):
     if run.is_main and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
         save_reconstructions(run, run.out / f'vis-epoch{epoch:04d}.png')
     kept = [run.out / f'checkpoint-epoch{epoch + 1}.pth'] if epoch + 1 in args.save_epochs else []
-    runtime.save_epoch(dict(run_state(run, row), epoch=epoch + 1, step=0), row, run.out, run.is_main, also=kept)
     run.last_row = row
+    checkpoints.save_epoch(run, run_state(run), epoch, also=kept)
 
 
 def save_reconstructions(run, path):
@@ -260,11 +261,11 @@ def save_reconstructions(run, path):
     save_figure(rows, caption, path)
 
 
-def run_state(run, log_row):
+def run_state(run):
     """What a checkpoint holds besides its position: weights, optimizer, stage and teacher, flags and the log row."""
     return dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), stage=run.stage,
                 teacher=run.raw_model.teacher_state(run.teacher), args=vars(run.args),
-                identity=ON_RESUME.identity(run.args), log_row=log_row)
+                identity=ON_RESUME.identity(run.args), log_row=run.last_row)
 
 
 def switch_stage(run):
@@ -279,7 +280,7 @@ def switch_stage(run):
     run.flops = flops_per_image(run.raw_model, run.teacher, run.args, run.device)  # --teacher_depth 0: a whole ViT now
     if run.is_main:
         path = run.out / f'teacher-stage{run.stage}.pth'
-        runtime.save_checkpoint(dict(model=run.raw_model.teacher_state(run.teacher), args=vars(run.args),
+        checkpoints.save_checkpoint(dict(model=run.raw_model.teacher_state(run.teacher), args=vars(run.args),
                                      stage=run.stage), path)
         print(f'stage {run.stage}: the student of stage {run.stage - 1} is the frozen teacher now ({path}); the '
               f'student starts again from a fresh initialisation')
@@ -333,9 +334,7 @@ def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
 @dataclass
 class Run(runtime.Run):
     """What one pre-training run holds between its phases: set by set_up, changed by stage switches and epochs."""
-    images: data.TrainingImages  # where the batches come from
-    resume: Path = None  # the checkpoint a rerun continues (--resume, or OUTPUT_DIR/checkpoint-last.pth)
-    ckpt: dict | None = None  # what was resumed: its position (its weights are freed once restored)
+    images: data.TrainingImages = None  # where the batches come from
     # the model and its training (build_model; a stage switch brings a new teacher, student and optimizer)
     raw_model: torch.nn.Module = None
     model: torch.nn.Module = None  # raw_model compiled and/or in DDP: what the steps call
@@ -344,17 +343,15 @@ class Run(runtime.Run):
     eff_batch: int = 0  # images per optimizer step, over every process and micro-batch
     peak_lr: float = 0.0
     # the schedule and the position in it
-    start_epoch: int = 0
     stage: int = 0
     stage_starts: list = field(default_factory=list)  # the first epoch of every stage
     warmup_steps: list = field(default_factory=list)  # per stage
     # measured once: training FLOPs per image (again at a stage switch), the card's peak (GPUs)
     flops: float = 0.0
     peak_flops: float | None = None
-    # the figures' fixed images and masks, and the log's last row (every checkpoint holds it)
+    # the figures' fixed images and masks
     vis_imgs: torch.Tensor = None
     vis_noise: torch.Tensor = None
-    last_row: dict | None = None
 
     @property
     def steps_per_epoch(self):
@@ -368,15 +365,12 @@ def set_up(args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     run = Run(args, rank, world_size, device, runtime.autocast_for(args, device),
-              data.build_training_images(args, rank, world_size, device))
-    run.resume, run.ckpt = runtime.read_resumed(args, ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher'))
-    if run.ckpt:
-        ON_RESUME.check(run.ckpt, args, ON_RESUME.identity(args), run.resume, run.is_main)
+              images=data.build_training_images(args, rank, world_size, device))
+    checkpoints.read_resumed(run, ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher'), ON_RESUME,
+                             ON_RESUME.identity(args))
     build_model(run)
     if run.ckpt:
         restore_checkpoint(run)
-        # the weights live in the model and optimizer now: keep the position, not a second copy for the whole run
-        run.ckpt = {key: value for key, value in run.ckpt.items() if key not in ('model', 'optimizer', 'teacher')}
     if run.start_epoch >= args.epochs:
         if run.is_main:
             print(f'nothing to do: {run.resume} has already trained {run.start_epoch} of {args.epochs} epochs')
@@ -399,7 +393,6 @@ def set_up(args):
     run.stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
     run.warmup_steps = [warmup_steps(args.warmup_epochs, epochs, run.steps_per_epoch, run.is_main)
                         for epochs in args.stage_epochs]  # each stage warms up afresh
-    run.last_row = run.ckpt.get('log_row') if run.ckpt else None  # the log's last row, kept in every checkpoint
     return run
 
 
@@ -420,15 +413,11 @@ def build_model(run):
 
 
 def restore_checkpoint(run):
-    """Model, optimizer, epoch and stage of the checkpoint being resumed, and a log that says what it covers."""
-    args, ckpt, resume = run.args, run.ckpt, run.resume
-    runtime.restore_training(ckpt, resume, run.raw_model, run.optimizer)
-    run.start_epoch, run.stage = ckpt['epoch'], ckpt['stage']
+    """Model, optimizer, epoch and stage of the checkpoint being resumed, and logs that say what it covers."""
+    checkpoints.restore_training(run, run.raw_model, run.optimizer)
+    run.stage, position = run.ckpt['stage'], (run.ckpt['epoch'], run.ckpt['step'])
     if run.is_main:
-        print(f'resumed from {resume} at epoch {run.start_epoch}, step {ckpt["step"]} (stage {run.stage})')
-        runtime.restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch, ckpt.get('log_row'))
-        runtime.restore_log(run.out / 'steps.jsonl', lambda row: (row['epoch'], row['end_step']) <= (ckpt['epoch'],
-                                                                                              ckpt['step']))
+        checkpoints.restore_log(run.out / 'steps.jsonl', lambda row: (row['epoch'], row['end_step']) <= position)
 
 
 def flops_per_image(model, teacher, args, device):
@@ -629,7 +618,7 @@ def validate_args(args):
 def main(args):
     refuse_unused_flags(args)
     validate_args(args)
-    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.unreadable_data_in_one_line():
+    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.loader_errors_in_one_line():
         pretrain(args)
 
 

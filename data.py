@@ -31,7 +31,9 @@ import runtime
 def default_workers():
     """Loader workers per process: this machine's cores shared among the processes torchrun starts on it, at most 8
     (beyond that the model, not decoding, is usually the limit), at least 1."""
-    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+    processes = os.environ.get('LOCAL_WORLD_SIZE', '1')  # torchrun's; a leftover may say anything
+    processes = max(1, int(processes)) if processes.isdigit() else 1
+    return max(1, min(8, (os.cpu_count() or 1) // processes))
 
 
 def pretrain_transform(img_size):
@@ -306,8 +308,8 @@ def loader_errors_in_one_line():
         last = str(e).strip().splitlines()[-1]
         if isinstance(e, NoReadableImage):
             runtime.fail(last.removeprefix('NoReadableImage: '))
-        runtime.fail(f'a data loader worker failed: {last}; check the data and the augmentation flags (--num_workers '
-                     f'0 runs the same code in the main process, with a traceback)')
+        runtime.fail(f'a data loader worker failed: {last}; check the data and the augmentation flags (with '
+                     f'--num_workers 0 the same code runs in the main process, where a debugger can reach it)')
 
 
 @dataclass

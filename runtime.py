@@ -260,9 +260,9 @@ class StopVote:
 @contextmanager
 def stop_on_signals():
     """The one stop path of a script: SIGTERM and SIGINT go to on_signal while it runs, the previous handlers come
-    back afterwards, and loader workers left behind end with it. (multiprocessing ends daemonic children at exit with
-    SIGTERM, which loader workers ignore so that the main process can checkpoint first: an error that left their
-    loader alive would otherwise wait for them forever.)"""
+    back afterwards, and loader workers left behind end with it (multiprocessing's exit hook would wait forever for
+    workers that an error left alive: it asks them with SIGTERM, which they ignore so that the main process can
+    checkpoint first)."""
     global stop_requested
     stop_requested = False
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -273,9 +273,20 @@ def stop_on_signals():
             signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
-        for child in multiprocessing.active_children():
-            if child.daemon:
-                child.kill()
+        stop_loader_workers()
+
+
+def stop_loader_workers():
+    """Loader workers (daemonic children) still alive when a run ends, persistent ones or those of a loader that an
+    error left behind, end now: killed, since they ignore SIGTERM, and reaped while torch's SIGCHLD handler, which
+    would report the kill as a worker's failure, is set aside."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        torch_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for worker in workers:
+            worker.kill()
+            worker.join()
+        signal.signal(signal.SIGCHLD, torch_handler)
 
 
 @contextmanager

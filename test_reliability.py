@@ -2,7 +2,9 @@
 and DDP equivalence (2 gloo processes on CPU)."""
 
 import argparse
+import datetime
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -20,7 +22,9 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoints
+import data
 import finetune
+import frozen
 import runtime
 import train
 from conftest import make_image_folder
@@ -128,6 +132,96 @@ def test_sigterm_to_the_process_group_with_loader_workers_exits_0_with_a_checkpo
     assert 'stopped by a signal' in output and 'Traceback' not in output
     checkpoint = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
     assert checkpoint['step'] > 0 and checkpoint['epoch'] < 50
+
+
+@pytest.mark.parametrize('phase', ['data.build_training_images', 'train.build_model', 'train.flops_per_image'])
+def test_a_signal_where_there_is_nothing_to_save_ends_the_run_at_once_in_one_line(image_folder, tmp_path, monkeypatch,
+                                                                                   phase):
+    """Before the training loop (data, model, FLOP counting) a signal ends the run now, in one line."""
+    module, name = {'data': data, 'train': train}[phase.split('.')[0]], phase.split('.')[1]
+    real = getattr(module, name)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, signalled)
+    started = time.perf_counter()
+    with pytest.raises(SystemExit, match='^error: stopped by SIGINT where there is nothing to save') as stop:
+        run_in_process(image_folder, tmp_path, '--epochs', '1', '--vis_every', '1')
+    assert '\n' not in str(stop.value.code) and time.perf_counter() - started < 30
+    assert signal.getsignal(signal.SIGINT) is not runtime.on_signal  # the handlers are restored
+    assert not (tmp_path / 'checkpoint-last.pth').exists()
+
+
+@pytest.mark.parametrize('phase', ['frozen.extract_features', 'frozen.knn_evaluate', 'frozen.linear_on_features'])
+def test_a_signal_in_frozen_evaluation_ends_it_at_once_in_one_line(image_folder, tmp_path, monkeypatch, phase):
+    run_in_process(image_folder, tmp_path / 'pretrained', '--epochs', '1')
+    real = getattr(frozen, phase.split('.')[1])
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frozen, phase.split('.')[1], signalled)
+    argv = ['--checkpoint', str(tmp_path / 'pretrained' / 'checkpoint-last.pth'), '--data', str(image_folder),
+            '--mode', 'frozen', '--epochs', '2', '--batch_size', '4', '--num_workers', '0', '--device', 'cpu',
+            '--output_dir', str(tmp_path / 'frozen')]
+    with pytest.raises(SystemExit, match='^error: stopped by SIGTERM where there is nothing to save'):
+        finetune.main(finetune.get_args_parser().parse_args(argv))
+    assert not (tmp_path / 'frozen' / 'log.jsonl').exists()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_a_leftover_distributed_environment_is_one_line_and_ctrl_c_stops_the_wait(image_folder, tmp_path):
+    """RANK set without the rest of torchrun's variables is one line naming them; with all of them but no peer, the
+    wait for the peer stops at Ctrl-C within seconds (it waited 30 minutes, deaf to signals); LOCAL_WORLD_SIZE=0
+    does not matter to one process."""
+    command = [sys.executable, 'train.py'] + flags(image_folder, tmp_path, '--epochs', '1')
+    env = dict(os.environ, RANK='0', WORLD_SIZE='2', LOCAL_WORLD_SIZE='0')
+    result = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        'error: RANK is set in the environment but MASTER_ADDR, MASTER_PORT, LOCAL_RANK not: start the processes '
+        'with torchrun, or unset RANK (a leftover of another job?) to run one process']
+    env.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), LOCAL_RANK='0')
+    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(5)  # waiting for rank 1
+    started = time.perf_counter()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert time.perf_counter() - started < 10 and process.returncode != 0
+    assert err.strip().splitlines()[-1].startswith('error: stopped by SIGINT'), err[-2000:]
+
+
+def test_a_missing_peer_is_named_after_the_set_up_time_out(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, 'SETUP_TIMEOUT', datetime.timedelta(seconds=2))
+    for name, value in dict(RANK='1', WORLD_SIZE='2', LOCAL_RANK='1', MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=r'^error: rank 1 of WORLD_SIZE 2 could not meet its peers at 127.0.0.1:\d+ '
+                                         r'within 2 s'):
+        run_in_process(image_folder, tmp_path, '--epochs', '1')
+
+
+def test_an_error_in_a_loader_worker_is_one_line_and_leaves_no_worker_behind(image_folder, tmp_path, monkeypatch):
+    """An augmentation that fails on one image in a worker (MAE's rand-m9-mstd0.5-inc1 under Pillow 13 did): one
+    line; and the persistent workers, which ignore SIGTERM, do not keep the process from exiting."""
+    real = data.load_rgb
+
+    def load_rgb(path):
+        if path.endswith('3.jpg'):
+            raise ValueError('no such posterize level')
+        return real(path)
+
+    monkeypatch.setattr(data, 'load_rgb', load_rgb)
+    with pytest.raises(SystemExit, match=r'^error: a data loader worker failed: ValueError: no such posterize level'):
+        run_in_process(image_folder, tmp_path, '--epochs', '1', '--num_workers', '2')
+    assert not [child for child in multiprocessing.active_children() if child.daemon]
 
 
 # 3. No corrupt checkpoints ----------------------------------------------------------------------------------------

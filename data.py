@@ -320,6 +320,15 @@ class TrainingImages:
     sampler: ResumableSampler  # this rank's share, in an order that set_epoch and .start position
     loader: object  # iterates (images, labels) on the device, normalised and augmented
     steps_per_epoch: int  # optimizer steps: batches / --accum_iter
+    batch_size: int  # images per batch and process (--batch_size)
+
+    def start_epoch(self, epoch, first_batch, decoded_once=False):
+        """The sampler at the epoch's order, from its first_batch-th batch on; the count of unreadable files at
+        zero, as it is counted per epoch (unless --gpu_data decoded the images once: its stand-ins stay)."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = first_batch * self.batch_size
+        if isinstance(self.dataset, ImageFolderSkippingBroken) and not decoded_once:
+            self.dataset.skipped.zero_()
 
 
 def build_training_images(args, rank, world_size, device):
@@ -347,4 +356,4 @@ def build_training_images(args, rank, world_size, device):
     if steps_per_epoch == 0:
         runtime.fail(f'{len(dataset)} images are too few for {world_size} process(es) x --batch_size '
                      f'{args.batch_size} x --accum_iter {args.accum_iter}')
-    return TrainingImages(dataset, vis_dataset, sampler, loader, steps_per_epoch)
+    return TrainingImages(dataset, vis_dataset, sampler, loader, steps_per_epoch, args.batch_size)

@@ -186,7 +186,7 @@ def train_one_epoch(run, epoch):
         if (step + 1) % args.log_every == 0 or step + 1 == run.steps_per_epoch:  # the only host syncs in the loop
             tally.log_point(step + 1, lr)
         if stop_vote.stops_after(step, run.steps_per_epoch):
-            tally.stop(step + 1)
+            tally.close_window(step + 1)
             checkpoints.save_mid_epoch(run, run_state(run), epoch, step + 1, loss_sum=tally.loss_sum,
                                        term_sums=tally.term_sums)
             return None
@@ -194,13 +194,9 @@ def train_one_epoch(run, epoch):
 
 
 def begin_epoch(run, epoch, first_step, position):
-    """The sampler at the epoch's order and first step, the model in training mode, and the batches, drawn with the
+    """The images at the epoch's order and first step, the model in training mode, and the batches, drawn with the
     RNG streams a stopped run saved (position) or this epoch's own. -> the iterator of batches."""
-    run.images.sampler.set_epoch(epoch)
-    run.images.sampler.start = first_step * run.args.batch_size * run.args.accum_iter
-    # a count per epoch; --gpu_data decoded the images once, so its stand-ins stay the same every epoch
-    if isinstance(run.images.dataset, data.ImageFolderSkippingBroken) and not run.args.gpu_data:
-        run.images.dataset.skipped.zero_()
+    run.images.start_epoch(epoch, first_step * run.args.accum_iter, run.args.gpu_data)
     run.model.train()
     with torch.random.fork_rng(devices=[]):  # a DataLoader draws its workers' base seed on its first iter() only
         batches = iter(run.images.loader)
@@ -281,7 +277,7 @@ def switch_stage(run):
     if run.is_main:
         path = run.out / f'teacher-stage{run.stage}.pth'
         checkpoints.save_checkpoint(dict(model=run.raw_model.teacher_state(run.teacher), args=vars(run.args),
-                                     stage=run.stage), path)
+                                         stage=run.stage), path)
         print(f'stage {run.stage}: the student of stage {run.stage - 1} is the frozen teacher now ({path}); the '
               f'student starts again from a fresh initialisation')
 
@@ -369,15 +365,17 @@ def set_up(args):
     checkpoints.read_resumed(run, ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher'), ON_RESUME,
                              ON_RESUME.identity(args))
     build_model(run)
-    if run.ckpt:
-        restore_checkpoint(run)
+    if run.ckpt:  # its weights, optimizer, epoch and stage, and logs that say what it covers
+        checkpoints.restore_training(run, run.raw_model, run.optimizer)
+        run.stage, position = run.ckpt['stage'], (run.ckpt['epoch'], run.ckpt['step'])
+        if run.is_main:
+            checkpoints.restore_log(run.out / 'steps.jsonl', lambda row: (row['epoch'], row['end_step']) <= position)
     if run.start_epoch >= args.epochs:
         if run.is_main:
             print(f'nothing to do: {run.resume} has already trained {run.start_epoch} of {args.epochs} epochs')
         return None
 
-    # Training FLOPs per image, for MFU against the card's measured peak; counted again when a stage changes the
-    # teacher.
+    # Training FLOPs per image, for MFU against the card's measured peak (counted again when a stage ends)
     run.peak_flops = flops.measured_peak_flops(run.device) if run.device.type == 'cuda' else None
     run.flops = flops_per_image(run.raw_model, run.teacher, args, run.device)
     run.model = torch.compile(run.raw_model) if args.compile else run.raw_model
@@ -412,14 +410,6 @@ def build_model(run):
     run.optimizer = build_optimizer(run.raw_model, args, run.peak_lr)
 
 
-def restore_checkpoint(run):
-    """Model, optimizer, epoch and stage of the checkpoint being resumed, and logs that say what it covers."""
-    checkpoints.restore_training(run, run.raw_model, run.optimizer)
-    run.stage, position = run.ckpt['stage'], (run.ckpt['epoch'], run.ckpt['step'])
-    if run.is_main:
-        checkpoints.restore_log(run.out / 'steps.jsonl', lambda row: (row['epoch'], row['end_step']) <= position)
-
-
 def flops_per_image(model, teacher, args, device):
     """Training FLOPs of one image (the model's forward and backward, the teacher's forward), for MFU."""
     count = flops.per_image(lambda imgs: forward_backward(model, teacher, imgs, args.mask_ratio, nullcontext()),
@@ -438,15 +428,17 @@ def announce(run):
           f'{run.world_size} process(es) on {run.device}; effective batch {run.eff_batch}; peak lr {run.peak_lr:.3g}')
 
 
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # Logging: the loss between log points, and figures
 
 class EpochTally:
     """An epoch's running sums, kept on the device so that no step waits for it (the loss and its terms over the
     micro-batches, the first step whose loss was not finite), the steps skipped, and the progress bar; read back
-    only at log points, into the bar and steps.jsonl, and at the end into the epoch's log row."""
+    only at log points and at the end. At each log point (--log_every) the bar shows the loss so far, and
+    steps.jsonl gets the window since the previous one: the loss and its terms averaged over its steps and every
+    rank, so that a short run has a curve and a long one shows what an epoch's mean hides. A row names the steps
+    [first_step, end_step) of its epoch that it averages: a signal's stop ends a window early, and the resumed run
+    starts the next one there."""
 
     def __init__(self, run, epoch, first_step, position):
         self.run, self.epoch, self.first_step = run, epoch, first_step
@@ -455,8 +447,7 @@ class EpochTally:
             self.loss_sum = position['loss_sum'].to(run.device)
             self.term_sums = {name: value.to(run.device) for name, value in position['term_sums'].items()}
         self.nonfinite_step, self.skipped_steps = torch.full((), -1, device=run.device), 0
-        self.last_log_step, self.last_log_time, self.start_time = first_step, time.perf_counter(), time.perf_counter()
-        self.windows = LossWindows(run, epoch, first_step, self.loss_sum, self.term_sums)
+        self.start_time, self.window = time.perf_counter(), self.window_from(first_step)
         self.bar = tqdm(total=run.steps_per_epoch, initial=first_step, desc=f'epoch {epoch}',
                         disable=not run.is_main, dynamic_ncols=True)
 
@@ -477,22 +468,34 @@ class EpochTally:
 
     def log_point(self, steps_done, lr):
         """The loss so far, lr, speed (and MFU on GPUs) on the bar, and the window since the last log point."""
-        run = self.run
-        runtime.check_finite(self.nonfinite_step, self.epoch, run.out)
-        now = time.perf_counter()
-        img_per_s = (steps_done - self.last_log_step) * run.eff_batch / (now - self.last_log_time)
+        run, (first_step, start_time) = self.run, (self.window['first_step'], self.window['time'])
+        img_per_s = (steps_done - first_step) * run.eff_batch / (time.perf_counter() - start_time)
+        self.close_window(steps_done)
         mean_loss = self.loss_sum.item() / ((steps_done - self.skipped_steps) * run.args.accum_iter)
         postfix = dict(loss=f'{mean_loss:.4f}', lr=f'{lr:.2e}', img_s=f'{img_per_s:.0f}')
         if run.peak_flops:
             postfix['mfu'] = f'{flops.mfu(img_per_s, run.flops, run.peak_flops, run.world_size):.1%}'
         self.bar.set_postfix(postfix)  # shown at the last step too, so that short epochs show it
-        self.last_log_step, self.last_log_time = steps_done, now
-        self.windows.close(steps_done, self.loss_sum, self.term_sums, self.skipped_steps)
 
-    def stop(self, steps_done):
-        """A signal ends the epoch early: the steps so far are checked and their window written."""
-        runtime.check_finite(self.nonfinite_step, self.epoch, self.run.out)
-        self.windows.close(steps_done, self.loss_sum, self.term_sums, self.skipped_steps)
+    def window_from(self, step):
+        return dict(first_step=step, time=time.perf_counter(), loss_sum=self.loss_sum.clone(),  # grows in place
+                    term_sums=dict(self.term_sums), skipped_steps=self.skipped_steps)
+
+    def close_window(self, end_step):
+        """Check the steps so far, write the window that ends before end_step to steps.jsonl (rank 0 writes; every
+        rank calls: a signal's stop, too) and start the next one there."""
+        run, window = self.run, self.window
+        runtime.check_finite(self.nonfinite_step, self.epoch, run.out)
+        steps = end_step - window['first_step'] - (self.skipped_steps - window['skipped_steps'])
+        if steps > 0:
+            sums = dict(loss=self.loss_sum - window['loss_sum'], **{
+                name: total - window['term_sums'].get(name, 0) for name, total in self.term_sums.items()})
+            means = runtime.means_over_ranks(sums, steps * run.args.accum_iter)
+            if run.is_main:
+                with open(run.out / 'steps.jsonl', 'a') as f:
+                    f.write(json.dumps(dict(epoch=self.epoch, stage=run.stage, first_step=window['first_step'],
+                                            end_step=end_step, steps_per_epoch=run.steps_per_epoch, **means)) + '\n')
+        self.window = self.window_from(end_step)
 
     def epoch_row(self, lr):
         """The epoch's log row: losses averaged over every rank's micro-batches, speed, counted FLOPs, skipped work."""
@@ -508,35 +511,6 @@ class EpochTally:
             row['mfu'] = round(flops.mfu(img_per_s, run.flops, run.peak_flops, run.world_size), 4)
         skipped_images = run.images.dataset.skipped.sum() if hasattr(run.images.dataset, 'skipped') else 0
         return dict(row, skipped_steps=self.skipped_steps, skipped_images=int(skipped_images))
-
-
-class LossWindows:
-    """steps.jsonl: the training loss and its terms averaged over the steps between log points (--log_every), over
-    every rank, so that a short run has a curve and a long one shows what an epoch's mean hides. Each row names the
-    steps [first_step, end_step) of its epoch that it averages: a signal's stop ends a window early, and the resumed
-    run starts the next one there."""
-
-    def __init__(self, run, epoch, first_step, loss_sum, term_sums):
-        self.run, self.epoch = run, epoch
-        self.start(first_step, loss_sum, term_sums, skipped_steps=0)
-
-    def start(self, step, loss_sum, term_sums, skipped_steps):
-        self.first_step, self.skipped_steps = step, skipped_steps
-        self.loss_sum, self.term_sums = loss_sum.clone(), dict(term_sums)  # loss_sum grows in place
-
-    def close(self, end_step, loss_sum, term_sums, skipped_steps):
-        """Write the window that ends before end_step (rank 0 writes; every rank calls) and start the next there."""
-        run = self.run
-        micro_batches = (end_step - self.first_step - (skipped_steps - self.skipped_steps)) * run.args.accum_iter
-        if micro_batches > 0:
-            sums = dict(loss=loss_sum - self.loss_sum,
-                        **{name: total - self.term_sums.get(name, 0) for name, total in term_sums.items()})
-            means = runtime.means_over_ranks(sums, micro_batches)
-            if run.is_main:
-                with open(run.out / 'steps.jsonl', 'a') as f:
-                    f.write(json.dumps(dict(epoch=self.epoch, stage=run.stage, first_step=self.first_step,
-                                            end_step=end_step, steps_per_epoch=run.steps_per_epoch, **means)) + '\n')
-        self.start(end_step, loss_sum, term_sums, skipped_steps)
 
 
 def save_figure(rows, caption, path, min_size=128):
@@ -555,8 +529,7 @@ def save_figure(rows, caption, path, min_size=128):
 # -----------------------------------------------------------------------------------------------------------------
 # Flag checks: every flag before any work starts
 
-METHOD_FLAGS = ('teacher', 'teacher_depth', 'stages', 'stage_epochs', 'clip_model', 'clip_weights', 'clip_quick_gelu',
-                'dino_model', 'dino_weights', 'mimic_weight', 'focused_mimic', 'fusion_layers')
+METHOD_FLAGS = sorted(set().union(*(method.flags for method in METHODS.values())))  # each method's own, declared there
 
 
 def refuse_unused_flags(args):

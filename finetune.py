@@ -8,8 +8,9 @@ a timm-format ViT state dict; `--checkpoint none` trains the same architecture f
     torchrun --nproc_per_node 8 finetune.py --checkpoint ... --data /path/to/imagenet --img_size 224
 
 The defaults are MAE's recipes for base models (SPEC §5); docs/evaluation.md gives the small recipe for
-Tiny-ImageNet. Read evaluate_encoder first: it is the table of contents. Data sets come from data.py, processes,
-signals and checkpoints from runtime.py (as in train.py), and the lr schedule and the method registry from train.py.
+Tiny-ImageNet. Read evaluate_encoder first: it is the table of contents. The frozen modes' features, k-NN and
+linear classifier are in frozen.py; data sets come from data.py, processes and signals from runtime.py, checkpoints
+from checkpoints.py (as in train.py), and the lr schedule and the method registry from train.py.
 """
 
 import argparse

@@ -10,7 +10,8 @@ ViT-Tiny, patch 4, on 32 px CIFAR-10 with a 128-wide, 4-deep decoder; docs/metho
 
 Where to read: `pretrain` is the table of contents, `train_one_epoch` the step (as the official engine_pretrain.py);
 then the recipe, the set-up, logging and the flag checks. A method plugs in through the small interface at the top
-of mae.py. What no paper asks for (processes, signals, checkpoints) is in runtime.py; how images arrive, data.py.
+of mae.py. What no paper asks for is elsewhere: processes and signals in runtime.py, checkpoints and resuming in
+checkpoints.py, the flags' declared values and resume classes in flags.py, how images arrive in data.py.
 """
 
 import argparse

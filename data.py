@@ -22,8 +22,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import has_file_allowed_extension
 
 import runtime
 
@@ -83,13 +84,20 @@ def load_rgb(path):
         return img.convert('RGB')
 
 
+# What PIL raises for a file it cannot read: unidentified or truncated (OSError), malformed (SyntaxError), or more
+# than twice Image.MAX_IMAGE_PIXELS, a decompression bomb that would fill the memory (DecompressionBombError)
+UNREADABLE = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
 class ImageFolderSkippingBroken(datasets.ImageFolder):
-    """An ImageFolder that replaces an unreadable image (corrupt, truncated) by the next readable one, with a warning
-    naming the file. The count lives in shared memory, one slot per loader worker, so that it reaches log.jsonl."""
+    """An ImageFolder that replaces an unreadable image (corrupt, truncated, a decompression bomb) by the next readable
+    one, with a warning naming the file. Which files failed lives in shared memory, one flag per file, so that each
+    is counted once per epoch however many times and in whichever loader worker it was tried, and the count reaches
+    log.jsonl. Its files are listed once each (make_dataset)."""
 
     def __init__(self, root, transform):
         super().__init__(root, transform=transform, loader=load_rgb)
-        self.skipped = torch.zeros(1024, dtype=torch.int64).share_memory_()
+        self.unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __getitem__(self, key):
         """key: an index, or (index, seeds) from ImageSeeds: the image's augmentation then draws from its own seeds."""
@@ -100,14 +108,51 @@ class ImageFolderSkippingBroken(datasets.ImageFolder):
     def first_readable(self, index):
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
+            if self.unreadable[i]:  # known since the epoch began: counted and reported once
+                continue
             try:
                 return super().__getitem__(i)
-            except OSError as e:  # PIL's unidentified and truncated images raise OSErrors
-                worker = get_worker_info()
-                self.skipped[worker.id + 1 if worker else 0] += 1
-                # on a line of its own, not glued to the progress bar's
-                print(f'\nwarning: skipping unreadable image {self.samples[i][0]} ({e})', file=sys.stderr)
+            except UNREADABLE as e:
+                self.skip(i, e)
         raise NoReadableImage(f'no readable image in {self.root}: every file failed to decode')
+
+    def skip(self, index, error):
+        self.unreadable[index] = True
+        # on a line of its own, not glued to the progress bar's
+        print(f'\nwarning: skipping unreadable image {self.samples[index][0]} ({error})', file=sys.stderr)
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """Every image file of every class folder, in torchvision's order, symbolic links followed; a folder or a
+        file reached a second time, by a link that loops or that shows images again under another class or name, is
+        refused in one line: its images would count twice, or under another class's label."""
+        reached, samples, linked, empty = {os.path.realpath(directory): directory}, [], [], []
+        for name, label in sorted(class_to_idx.items()):
+            found = 0
+            for folder, subfolders, files in os.walk(os.path.join(directory, name), followlinks=True):
+                refuse_reached_twice(folder, os.path.realpath(folder), reached, directory)
+                subfolders.sort()
+                for file in sorted(files):
+                    path = os.path.join(folder, file)
+                    if has_file_allowed_extension(file, extensions) if is_valid_file is None else is_valid_file(path):
+                        linked += [path] if os.path.islink(path) else []
+                        samples.append((path, label))
+                        found += 1
+            empty += [] if found else [name]
+        for path in linked:  # a linked file is an alias when its target is listed too, by another link or its folder
+            target = os.path.realpath(path)
+            refuse_reached_twice(path, os.path.dirname(target) if os.path.dirname(target) in reached else target,
+                                 reached, directory)
+        if empty and not allow_empty:  # as torchvision says it (build_dataset reports it in one line)
+            raise FileNotFoundError(f'Found no valid file for the classes {", ".join(empty)}')
+        return samples
+
+
+def refuse_reached_twice(path, real, reached, root):
+    if real in reached:
+        runtime.fail(f'--data: {path} in {root} leads to {reached[real]} again (a symbolic link that loops, or that '
+                     f'shows images a second time under another class or name): remove the link')
+    reached[real] = path
 
 
 class NoReadableImage(RuntimeError):
@@ -179,9 +224,8 @@ class DecodedOnDevice:
         try:
             image = load_rgb(io.BytesIO(data.numpy().tobytes()))
             return transforms.functional.pil_to_tensor(image).to(self.device, non_blocking=True)
-        except OSError as e:  # PIL's unidentified and truncated images
-            self.dataset.skipped[0] += 1
-            print(f'\nwarning: skipping unreadable image {self.dataset.samples[index][0]} ({e})', file=sys.stderr)
+        except UNREADABLE as e:
+            self.dataset.skip(index, e)
             return None
 
     def augment(self, image, seeds):
@@ -303,11 +347,11 @@ def loader_errors_in_one_line():
     try:
         yield
     except Exception as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        if isinstance(e, NoReadableImage):  # in the main process, or from a worker
+            runtime.fail(last.removeprefix('NoReadableImage: '))
         if 'in DataLoader worker process' not in str(e):
             raise
-        last = str(e).strip().splitlines()[-1]
-        if isinstance(e, NoReadableImage):
-            runtime.fail(last.removeprefix('NoReadableImage: '))
         runtime.fail(f'a data loader worker failed: {last}; check the data and the augmentation flags (with '
                      f'--num_workers 0 the same code runs in the main process, where a debugger can reach it)')
 
@@ -328,7 +372,7 @@ class TrainingImages:
         self.sampler.set_epoch(epoch)
         self.sampler.start = first_batch * self.batch_size
         if isinstance(self.dataset, ImageFolderSkippingBroken) and not decoded_once:
-            self.dataset.skipped.zero_()
+            self.dataset.unreadable.zero_()
 
 
 def build_training_images(args, rank, world_size, device):

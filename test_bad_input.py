@@ -74,6 +74,13 @@ def world(tmp_path_factory):
     (w['official_val'] / 'val' / 'images').mkdir(parents=True)
     for i in range(4):
         Image.new('RGB', (40, 40)).save(w['official_val'] / 'val' / 'images' / f'val_{i}.JPEG')
+    # data folders whose symbolic links would list images twice or under another class's label
+    for name, link, target in [('link_loop', 'train/class_0/again', '..'), ('link_up', 'train/class_0/up', '../..'),
+                               ('class_alias', 'train/class_2', 'class_0'),
+                               ('file_alias', 'train/class_1/also.jpg', '../class_0/1.jpg')]:
+        w[name] = root / name
+        shutil.copytree(w['data'], w[name])
+        (w[name] / link).symlink_to(target)
     # checkpoints of our runs
     for method in ('mae', 'dbot', 'mcmae'):
         assert attempt('train', ['--data', str(w['data']), '--output_dir', str(root / method), '--method', method,
@@ -130,7 +137,8 @@ def cases(w):
     ]
     for i, extra in enumerate(bad_pretrain_flags):
         out.append(('train', pre('--output_dir', str(r / f'p{i}'), *extra), 'refused'))
-    for i, folder in enumerate(['/nonexistent', w['file'], w['empty'], w['val_only'], w['unreadable']]):
+    for i, folder in enumerate(['/nonexistent', w['file'], w['empty'], w['val_only'], w['unreadable'], w['link_loop'],
+                                w['link_up'], w['class_alias'], w['file_alias']]):
         out.append(('train', ['--data', str(folder), *PRETRAIN, '--output_dir', str(r / f'd{i}')], 'refused'))
     out += [
         ('train', pre('--output_dir', str(w['file'] / 'out')), 'refused'),
@@ -166,6 +174,8 @@ def cases(w):
         ['--checkpoint', str(w['mae']), '--data', str(w['val_missing_class']), *EVALUATE, '--mode', 'knn'],
         ['--checkpoint', str(w['mae']), '--data', str(w['official_val']), *EVALUATE],
         ['--checkpoint', str(w['mae']), '--data', '/nonexistent', *EVALUATE],
+        *[['--checkpoint', str(w['mae']), '--data', str(w[name]), *EVALUATE, '--mode', 'knn']
+          for name in ('link_loop', 'link_up', 'class_alias', 'file_alias')],
         ev(w['mae'], '--output_dir', str(w['file'] / 'out')),
     ]
     for i, argv in enumerate(bad_evaluate):

@@ -19,6 +19,7 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoints
@@ -365,17 +366,25 @@ def test_bad_input_from_the_command_line_has_no_traceback(image_folder, tmp_path
     assert 'is not writable' in result.stderr
 
 
-def test_unreadable_images_are_skipped_with_a_warning_and_counted(image_folder, tmp_path, capfd):
+def test_unreadable_images_are_skipped_with_a_warning_and_each_counted_once(image_folder, tmp_path, capfd,
+                                                                             monkeypatch):
+    """A corrupt file, a truncated one, and a decompression bomb (an image beyond twice PIL's pixel limit, which PIL
+    refuses with an error of its own), the first two next to each other in the folder's order, so that the image
+    before them is replaced after trying both: each is counted once per epoch (the old count per attempt gave 4)."""
     broken = make_image_folder(tmp_path / 'broken', per_class=8)
-    (broken / 'train' / 'class_0' / 'garbage.jpg').write_bytes(b'not an image at all')
-    whole = (broken / 'train' / 'class_1' / '3.jpg').read_bytes()
-    (broken / 'train' / 'class_1' / 'truncated.jpg').write_bytes(whole[:len(whole) // 3])
+    (broken / 'train' / 'class_0' / '30_garbage.jpg').write_bytes(b'not an image at all')
+    whole = (broken / 'train' / 'class_0' / '3.jpg').read_bytes()
+    (broken / 'train' / 'class_0' / '31_truncated.jpg').write_bytes(whole[:len(whole) // 3])
+    Image.new('RGB', (100, 100)).save(broken / 'train' / 'class_1' / 'bomb.png')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 4000)  # the 40 x 40 images pass; 100 x 100 is beyond 2 x 4000
     run_in_process(broken, tmp_path / 'out', '--epochs', '1')
-    assert logged(tmp_path / 'out', 'skipped_images') == [2]
+    assert logged(tmp_path / 'out', 'skipped_images') == [3]
     err = capfd.readouterr().err
-    assert 'garbage.jpg' in err and 'truncated.jpg' in err
+    warnings = [line for line in err.splitlines() if line.startswith('warning: skipping unreadable image')]
+    assert {Path(line.split()[4]).name for line in warnings} == {'30_garbage.jpg', '31_truncated.jpg', 'bomb.png'}
+    assert 'Traceback' not in err
     run_in_process(broken, tmp_path / 'gpu_data', '--epochs', '2', '--gpu_data')  # decoded once, reported each epoch
-    assert logged(tmp_path / 'gpu_data', 'skipped_images') == [2, 2]
+    assert logged(tmp_path / 'gpu_data', 'skipped_images') == [3, 3]
 
 
 # 6. DDP equivalence -----------------------------------------------------------------------------------------------

@@ -510,7 +510,7 @@ class EpochTally:
                    gflops_per_img=round(run.flops / 1e9, 6), **means)
         if run.peak_flops:
             row['mfu'] = round(flops.mfu(img_per_s, run.flops, run.peak_flops, run.world_size), 4)
-        skipped_images = run.images.dataset.skipped.sum() if hasattr(run.images.dataset, 'skipped') else 0
+        skipped_images = run.images.dataset.unreadable.sum() if hasattr(run.images.dataset, 'unreadable') else 0
         return dict(row, skipped_steps=self.skipped_steps, skipped_images=int(skipped_images))
 
 

@@ -324,7 +324,7 @@ def read_pretrained(args):
     if isinstance(saved_args, dict) and 'method' in saved_args:  # train.py's
         return saved_args, encoder_state_dict(checkpoint['model'])
     try:
-        state = read_encoder_state_dict(args.checkpoint)
+        state = read_encoder_state_dict(args.checkpoint, classifier=True)  # with_final_norm decides
     except ValueError as e:
         runtime.fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
     state = with_final_norm(state, args)

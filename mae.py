@@ -181,11 +181,12 @@ def encoder_state_dict(state_dict):
     return {k: v for k, v in state_dict.items() if k.startswith(ENCODER_KEYS)}
 
 
-def read_encoder_state_dict(path, hybrid=False):
+def read_encoder_state_dict(path, hybrid=False, classifier=False):
     """The ViT encoder weights in a checkpoint file of any layout met in practice: ours (train.py checkpoints,
-    dBOT teacher files), official MAE ({'model': ...}), timm and DINO state dicts (flat), DINO training
-    checkpoints ({'teacher': ...} with 'module.backbone.' prefixes); with hybrid=True MCMAE's hybrid encoder too (its
-    conv stages under patch_embed.stem1...). Raises ValueError naming the problem."""
+    dBOT teacher files, finetune.py's linear probes), official MAE ({'model': ...}), timm and DINO state dicts
+    (flat), DINO training checkpoints ({'teacher': ...} with 'module.backbone.' prefixes); with hybrid=True MCMAE's hybrid encoder too (its
+    conv stages under patch_embed.stem1...); with classifier=True a fine-tuned classifier's encoder too, which has no
+    final norm. Raises ValueError naming the problem."""
     try:
         checkpoint = checkpoints.load_weights_file(path)
     except FileNotFoundError:
@@ -198,12 +199,17 @@ def read_encoder_state_dict(path, hybrid=False):
             break
     if not isinstance(checkpoint, dict):
         raise ValueError(f'{path}: holds no state dict')
-    state = {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in checkpoint.items()}
+    # DDP's and DINO's prefixes; finetune.py's classifiers hold their encoder under 'encoder.'
+    state = {k.removeprefix('module.').removeprefix('backbone.').removeprefix('encoder.'): v
+             for k, v in checkpoint.items()}
     if not hybrid and any(key.startswith('patch_embed.stem1.') for key in state):
         raise ValueError(f'{path}: an MCMAE encoder (convolution stages before the transformer), which cannot serve '
                          f'as a ViT; use a checkpoint of mae, mrmae or dbot')
     if 'patch_embed.proj.weight' not in state:
         raise ValueError(f'{path}: not a ViT encoder (no patch_embed.proj.weight among its keys)')
+    if 'norm.weight' not in state and not classifier:  # timm's global_pool='avg' layout, as finetune.py writes it
+        raise ValueError(f'{path}: a fine-tuned classifier, whose encoder has no final norm (fc_norm and a head '
+                         f'replaced it): use the pre-trained checkpoint it was fine-tuned from, or a linear probe\'s')
     return encoder_state_dict(state)
 
 

@@ -86,6 +86,10 @@ def world(tmp_path_factory):
         assert attempt('train', ['--data', str(w['data']), '--output_dir', str(root / method), '--method', method,
                                  *PRETRAIN, *(['--stages', '1'] if method == 'dbot' else [])])[0] == 'ran'
         w[method] = root / method / 'checkpoint-last.pth'
+    for mode in ('finetune', 'linprobe'):  # finetune.py's own checkpoints, as teachers below
+        assert attempt('finetune', ['--checkpoint', str(w['mae']), '--data', str(w['data']), *EVALUATE, '--mode', mode,
+                                    '--output_dir', str(root / mode)])[0] == 'ran'
+        w[mode] = root / mode / 'checkpoint-last.pth'
     raw = w['mae'].read_bytes()
     w['truncated'] = root / 'truncated.pth'
     w['truncated'].write_bytes(raw[:len(raw) // 2])
@@ -134,6 +138,8 @@ def cases(w):
         ['--method', 'dbot', '--stages', '1', '--teacher', str(w['truncated'])], ['--method', 'mrmae', '--teacher', str(w['foreign'])],
         ['--method', 'dbot', '--stages', '1', '--teacher', str(w['mcmae'])],
         ['--method', 'mrmcmae', '--teacher', str(w['mcmae']), '--focused_mimic'],  # no [CLS] attention to follow
+        ['--method', 'dbot', '--stages', '1', '--teacher', str(w['finetune'])],  # a classifier, without its norm
+        ['--method', 'mrmae', '--teacher', str(w['finetune'])],
     ]
     for i, extra in enumerate(bad_pretrain_flags):
         out.append(('train', pre('--output_dir', str(r / f'p{i}'), *extra), 'refused'))
@@ -227,6 +233,17 @@ def test_inputs_readme_calls_valid_work_correctly(world, capfd):
     for method in ('mrmae', 'mrmcmae'):
         assert attempt('train', ['--data', str(world['data']), *PRETRAIN, '--method', method, '--teacher',
                                  str(world['mcmae']), '--output_dir', str(root / f'{method}_mcmae_teacher')])[0] == 'ran'
+    # a linear probe's checkpoint (the encoder intact, with its final norm) teaches dBOT and MR-MAE, and gives the
+    # same k-NN as the encoder it probed
+    for method in ('dbot', 'mrmae'):
+        assert attempt('train', ['--data', str(world['data']), *PRETRAIN, '--method', method, '--teacher',
+                                 str(world['linprobe']), '--output_dir', str(root / f'{method}_probe_teacher'),
+                                 *(['--stages', '1'] if method == 'dbot' else [])]) == ('ran', None)
+    for name in ('mae', 'linprobe'):
+        assert attempt('finetune', ['--checkpoint', str(world[name]), '--data', str(world['data']), *EVALUATE,
+                                    '--mode', 'knn', '--output_dir', str(root / f'knn_of_{name}')])[0] == 'ran'
+    assert (json.loads((root / 'knn_of_mae' / 'log.jsonl').read_text())['val_acc1'] ==
+            json.loads((root / 'knn_of_linprobe' / 'log.jsonl').read_text())['val_acc1'])
     # k-NN with fewer training images than --knn_k reports the k it used
     knn = root / 'knn'
     assert attempt('finetune', ['--checkpoint', str(world['mae']), '--data', str(world['data']), *EVALUATE, '--mode',

@@ -171,18 +171,21 @@ def run(image_folder, output_dir, standin, *extra):
 
 
 def test_end_to_end_logs_each_term_and_keeps_teachers_out_of_the_checkpoint(image_folder, tmp_path, standin):
-    rows = run(image_folder, tmp_path, standin)
+    dino = tmp_path / 'dino.pth'  # a copy of its own, changed below
+    dino.write_bytes(standin[1].read_bytes())
+    rows = run(image_folder, tmp_path, (standin[0], dino))
     assert {'loss_rec', 'loss_mimic_clip', 'loss_mimic_dino'} <= set(rows[0])
     checkpoint = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
     assert not any(k.startswith(('teachers', 'backbone')) for k in checkpoint['model'])
     assert set(checkpoint['teacher']) == {'clip', 'dino'} and len(checkpoint['teacher']['clip']['sha256']) == 64
-    # Resuming with another file under the same flag is refused: the targets would silently change.
-    other = tmp_path / 'other-dino.pth'
-    weights = torch.load(standin[1], weights_only=True)
+    # Resuming with another file, or the same file changed, is refused: the targets would silently change.
+    with pytest.raises(SystemExit, match=r'belongs to another run: its --dino_weights is .*dino.pth, this run\'s is'):
+        run(image_folder, tmp_path, standin, '--epochs', '2')
+    weights = torch.load(dino, weights_only=True)
     weights['blocks.0.attn.qkv.weight'] += 1
-    torch.save(weights, other)
+    torch.save(weights, dino)
     with pytest.raises(SystemExit, match='not the file this run started with'):
-        run(image_folder, tmp_path, (standin[0], other), '--epochs', '2')
+        run(image_folder, tmp_path, (standin[0], dino), '--epochs', '2')
 
 
 @pytest.mark.parametrize('flag,message', [('--clip_weights', 'no such file'), ('--dino_weights', 'no such file')])

@@ -156,8 +156,11 @@ def data_fingerprint(root):
     """What makes two data folders the same data set wherever they lie: class and image counts, and a digest of every
     image file's path (relative to the root) and size."""
     root = Path(root)
-    files = sorted(str(path.relative_to(root)) + f':{path.stat().st_size}' for split in ('train', 'val')
-                   for path in (root / split).rglob('*') if path.is_file())
+    try:
+        files = sorted(str(path.relative_to(root)) + f':{path.stat().st_size}' for split in ('train', 'val')
+                       for path in (root / split).rglob('*') if path.is_file())
+    except OSError as e:  # a folder or file this user may not read
+        runtime.fail(f'--data {root}: cannot read {e.filename} ({e.strerror})')
     count = lambda split: sum(line.startswith(split + '/') for line in files)  # noqa: E731
     return dict(classes=sum(path.is_dir() for path in (root / 'train').iterdir()), train_images=count('train'),
                 val_images=count('val'), files_sha256=hashlib.sha256('\n'.join(files).encode()).hexdigest()[:16])
@@ -535,6 +538,11 @@ def time_limit(minutes):
 
 
 def main(args):
+    with runtime.stop_on_signals():  # between runs a signal ends the sitting in one line; in a run, as that run says
+        reproduce(args)
+
+
+def reproduce(args):
     budget = BUDGETS[args.budget]
     if args.curve and not budget['curve']:
         runtime.fail(f'--curve: the {args.budget} budget has no learning curve (it is defined for '

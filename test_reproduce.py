@@ -3,7 +3,9 @@ commands; a second sitting skips finished runs and a stopped one continues where
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,21 @@ def test_gpu_budget_stops_at_its_time_limit_reports_and_a_rerun_continues(image_
     reproduce.main(reproduce.get_args_parser().parse_args(argv))
     assert 'unfinished: none' in capsys.readouterr().out
     assert (runs / 'random-init-frozen.json').read_text() == first  # skipped, not run again
+
+
+def test_a_signal_between_runs_ends_the_sitting_in_one_line_and_an_unreadable_folder_too(image_folder, tmp_path,
+                                                                                         monkeypatch):
+    """Between its runs reproduce.py has nothing to save: a signal there ends it at once, in one line (a signal inside
+    a run checkpoints that run, as test_smoke_protocol shows)."""
+    monkeypatch.setattr(reproduce, 'execute', lambda *args: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(SystemExit, match='^error: stopped by SIGINT where there is nothing to save'):
+        reproduce.main(protocol(image_folder, tmp_path))
+    assert signal.getsignal(signal.SIGINT) is not runtime.on_signal
+    monkeypatch.undo()
+
+    def unreadable(self, pattern):  # what a folder this user may not read gives (as root, chmod cannot show it)
+        raise PermissionError(13, 'Permission denied', str(self / 'class_0'))
+
+    monkeypatch.setattr(Path, 'rglob', unreadable)
+    with pytest.raises(SystemExit, match=r'^error: --data .*: cannot read .*class_0 \(Permission denied\)$'):
+        reproduce.main(protocol(image_folder, tmp_path / 'second'))

@@ -205,7 +205,8 @@ def main():
     methods = check_args(args, parser)
     train.validate_args(args)
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as standins:  # removed at the end, whatever happens
+    # a signal ends the benchmark at once, in one line (runtime.on_signal); the stand-ins go whatever happens
+    with runtime.stop_on_signals(), tempfile.TemporaryDirectory() as standins:
         mimicking = any(m.startswith('mr') for m in methods)
         if mimicking and args.clip_weights is None and args.dino_weights is None:
             # MR-MAE's teachers, randomly initialised: speed does not depend on the weights

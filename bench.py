@@ -15,8 +15,8 @@ installed (it is not a requirement of this project).
 
 import argparse
 import json
+import itertools
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -60,23 +60,23 @@ def hf_available():
         return False
 
 
-def median_seconds(fn, device, warmup, steps):
+def seconds_per_step(fn, device, warmup, steps):
+    """Seconds per call of fn, over `steps` calls after `warmup`, with one synchronize at the end: as the training
+    loop runs (it never waits for the device between steps), so that a launch-bound step shows the rate a user
+    gets, not one slowed by a host wait per step."""
     for _ in range(warmup):
         fn()
-    times = []
+    synchronize(device)
+    begin = time.perf_counter()
     for _ in range(steps):
-        if device.type == 'cuda':
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - begin) / steps
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 def bench_method(method, args, device, peak_flops, teacher_flag=None):
@@ -106,8 +106,8 @@ def bench_method(method, args, device, peak_flops, teacher_flag=None):
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = median_seconds(step, device, args.warmup_steps, args.steps)
-    teacher_seconds = median_seconds(teacher_forward, device, 1, args.steps) if teacher is not None else 0
+    seconds = seconds_per_step(step, device, args.warmup_steps, args.steps)
+    teacher_seconds = seconds_per_step(teacher_forward, device, 1, args.steps) if teacher is not None else 0
     img_per_s = args.batch_size / seconds
     return dict(method=method, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
                 device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
@@ -119,36 +119,45 @@ def bench_method(method, args, device, peak_flops, teacher_flag=None):
                 mfu=round(flops * img_per_s / peak_flops, 4) if peak_flops else None)
 
 
-def worker_ms_per_image(dataset, count=200):
+def worker_ms_per_image(dataset, count=1000):
     """What one loader worker spends per image (dataset[i] in this process): read, and for the worker pipeline
-    decode and augment."""
+    decode and augment, each image with its own seeds as in training."""
+    count = min(count, len(dataset))
     begin = time.perf_counter()
-    for i in range(min(count, len(dataset))):
+    for i in range(count):
         dataset[i, (0, 0, i)]
-    return 1e3 * (time.perf_counter() - begin) / min(count, len(dataset))
+    return 1e3 * (time.perf_counter() - begin) / count
 
 
 def bench_loader(args, device):
     """Images per second that the input pipeline delivers with no model, on train.py's own loader
-    (data.build_training_images):
-    the worker pipeline (decode + augment in --num_workers processes, uint8, normalised on the device), or
-    --decode_on_device (workers read bytes; decoding and augmentation on the device), or --gpu_data (decoded once,
-    augmented on the device); and what a worker spends per image."""
+    (data.build_training_images): the worker pipeline (decode + augment in --num_workers processes, uint8,
+    normalised on the device), or --decode_on_device (workers read bytes; decoding and augmentation on the device),
+    or --gpu_data (decoded once, augmented on the device); and what a worker spends per image. The clock starts once
+    the workers' first batches (two each, what they prefetch while nobody asks) are taken, and runs over --steps
+    batches, through as many epochs as that takes."""
     images = data.build_training_images(args, rank=0, world_size=1, device=device)
-    images.sampler.set_epoch(0)
-    batches = iter(images.loader)
-    next(batches)  # worker start-up is not throughput
+    batches = endless_batches(images)
+    for _ in range(1 + 2 * args.num_workers):  # start-up and prefetched batches are not throughput
+        next(batches)
+    synchronize(device)
     count, begin = 0, time.perf_counter()
     for _, (imgs, _) in zip(range(args.steps), batches):
         count += len(imgs)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - begin
     pipeline = 'gpu_data' if args.gpu_data else 'decode_on_device' if args.decode_on_device else 'workers'
     return dict(method=f'loader:{pipeline}', data=args.data, device=str(device), num_workers=args.num_workers,
-                batch_size=args.batch_size, img_per_s=round(count / seconds, 1),
+                batch_size=args.batch_size, batches=args.steps, img_per_s=round(count / seconds, 1),
                 img_per_s_per_core=round(count / seconds / max(1, min(args.num_workers, os.cpu_count())), 1),
                 worker_ms_per_image=None if args.gpu_data else round(worker_ms_per_image(images.dataset), 3))
+
+
+def endless_batches(images):
+    """The loader's batches, epoch after epoch (a small folder has fewer batches than a benchmark wants)."""
+    for epoch in itertools.count():
+        images.start_epoch(epoch, 0)
+        yield from images.loader
 
 
 # The train.py flags a benchmark uses: the model, the method's teachers, the optimizer, the device and the loader.
@@ -171,7 +180,8 @@ def get_args_parser():
     parser.add_argument('--methods', type=flags.text, default=None,
                         help=f'comma-separated, of {", ".join(sorted(train.METHODS) + ["hf_vitmae"])} (default: all; '
                              f'hf_vitmae needs transformers, which this project does not require)')
-    parser.add_argument('--steps', default=10, type=flags.COUNT, help='timed steps (median reported)')
+    parser.add_argument('--steps', default=10, type=flags.COUNT,
+                        help='timed steps (or loader batches), after the warm-up, with one synchronize at the end')
     parser.add_argument('--warmup_steps', default=3, type=flags.AMOUNT)
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')

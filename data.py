@@ -30,11 +30,13 @@ import runtime
 
 
 def default_workers():
-    """Loader workers per process: this machine's cores shared among the processes torchrun starts on it, at most 8
-    (beyond that the model, not decoding, is usually the limit), at least 1."""
+    """Loader workers per process: the cores this process may run on (its affinity: a scheduler's share of the node,
+    not every core the node has) shared among the processes torchrun starts on it, at most 8 (beyond that the model,
+    not decoding, is usually the limit), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     processes = os.environ.get('LOCAL_WORLD_SIZE', '1')  # torchrun's; a leftover may say anything
     processes = max(1, int(processes)) if processes.isdigit() else 1
-    return max(1, min(8, (os.cpu_count() or 1) // processes))
+    return max(1, min(8, cores // processes))
 
 
 def pretrain_transform(img_size):

@@ -1,7 +1,9 @@
 """The training loop end to end on a generated ImageFolder, in-process and on the CPU."""
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -259,3 +261,23 @@ def test_device_decoding_trains_skips_and_counts_bad_files_and_resumes_exactly(t
     assert len(run(folder, tmp_path / 'stopped', '--decode_on_device')) == 1
     monkeypatch.undo()
     assert [row['loss'] for row in run(folder, tmp_path / 'stopped', '--decode_on_device')] == expected
+
+
+def test_an_images_seeds_reach_the_host_streams_only(monkeypatch):
+    """runtime.seeded (each image's augmentation) draws what seed_everything's streams give, leaves the streams outside
+    as they were, and never touches an accelerator's generator: on a GPU the masks come from it, and re-seeding it
+    with each image's seeds made the next step's masks a function of the last image decoded in the main process."""
+    def accelerator_seeded(*args):
+        raise AssertionError('seeded() re-seeded an accelerator generator')
+
+    torch.default_generator.manual_seed(5)
+    outside = torch.rand(3)
+    torch.default_generator.manual_seed(5)
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', accelerator_seeded)
+    monkeypatch.setattr(torch.cuda, 'manual_seed', accelerator_seeded)
+    with runtime.seeded(0, 1, 2):
+        inside = torch.rand(3), np.random.rand(), random.random()
+    assert torch.equal(torch.rand(3), outside)  # the stream outside continues as if nothing had been drawn
+    monkeypatch.undo()
+    runtime.seed_everything(0, 1, 2)
+    assert torch.equal(inside[0], torch.rand(3)) and (inside[1], inside[2]) == (np.random.rand(), random.random())

@@ -190,8 +190,12 @@ def test_a_leftover_distributed_environment_is_one_line_and_ctrl_c_stops_the_wai
         'error: RANK is set in the environment but MASTER_ADDR, MASTER_PORT, LOCAL_RANK not: start the processes '
         'with torchrun, or unset RANK (a leftover of another job?) to run one process']
     env.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), LOCAL_RANK='0')
+    command = [sys.executable, 'train.py'] + flags(image_folder, tmp_path / 'waits', '--epochs', '1')
     process = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(5)  # waiting for rank 1
+    deadline = time.perf_counter() + 120
+    while not (tmp_path / 'waits' / '.lock').exists() and time.perf_counter() < deadline:  # its handlers are set
+        time.sleep(0.1)
+    time.sleep(2)  # waiting for rank 1
     started = time.perf_counter()
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)

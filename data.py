@@ -170,18 +170,38 @@ class ResumableSampler(DistributedSampler):
 
 
 class ImageFileBytes(ImageFolderSkippingBroken):
-    """--decode_on_device: a worker reads each file's bytes and nothing else (no decoding, no augmentation)."""
+    """--decode_on_device: a worker reads each file's bytes and its header (the image size, for the crop box), and
+    draws the image's crop box and flip; it decodes nothing."""
 
     def __getitem__(self, key):  # key: (index, seeds) from ImageSeeds
         index, seeds = key
         path, label = self.samples[index]
-        return torch.from_numpy(np.fromfile(path, dtype=np.uint8)), label, index, seeds
+        data = np.fromfile(path, dtype=np.uint8)
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                box = crop_box(header, seeds)
+        except UNREADABLE:
+            box = NO_BOX  # the main process finds the file unreadable, or draws the box from what it decodes
+        return torch.from_numpy(data), label, index, box, seeds
 
 
-def as_lists(batch):
-    """collate_fn for ImageFileBytes: files differ in length, so the batch stays a list of byte tensors."""
-    data, labels, indices, seeds = zip(*batch)
-    return list(data), torch.tensor(labels), indices, seeds
+NO_BOX = (0, 0, 0, 0, 0)
+
+
+def crop_box(image, seeds):
+    """pretrain_transform's RandomResizedCrop and flip draws for this image under its seeds: (top, left, height,
+    width, flip). `image`: a PIL image (its header suffices) or a decoded tensor of the same size."""
+    with runtime.seeded(*seeds):
+        top, left, height, width = transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
+        flip = torch.rand(1) < 0.5
+    return top, left, height, width, int(flip)
+
+
+def as_flat_bytes(batch):
+    """collate_fn for ImageFileBytes: the batch's files in one flat byte tensor and their lengths (one hand-over from
+    the worker and one pin, not one per file), with labels, indices, crop boxes and seeds."""
+    data, labels, indices, boxes, seeds = zip(*batch)
+    return torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(labels), indices, boxes, seeds
 
 
 class DecodedOnDevice:
@@ -189,7 +209,7 @@ class DecodedOnDevice:
     order. JPEGs are decoded as one batch (torchvision.io.decode_jpeg; nvJPEG on GPUs); a file that decoder cannot
     take (PNG, CMYK or 16-bit images, a corrupt file) is decoded alone on the CPU (PIL), and one that nothing can
     read is replaced by the batch's next image and counted, as the worker pipeline does. Each image is then cropped,
-    resized and flipped with the worker pipeline's RandomResizedCrop and flip draws (the same seeds: the same boxes;
+    resized and flipped with the box its worker drew (crop_box: the worker pipeline's draws, from the same seeds;
     torchvision's tensor resize instead of PIL's, antialiased) and normalised as NormalizedOnDevice does."""
 
     def __init__(self, loader, dataset, img_size, device):
@@ -203,14 +223,14 @@ class DecodedOnDevice:
         batches = iter(self.loader)  # now: the caller decides what RNG state it sees
         return (self.batch(*batch) for batch in batches)
 
-    def batch(self, data, labels, indices, seeds):
-        images = self.decode(data, indices)
+    def batch(self, flat, lengths, labels, indices, boxes, seeds):
+        images = self.decode(list(torch.split(flat, lengths.tolist())), indices)
         readable = [i for i, image in enumerate(images) if image is not None]
         if not readable:
             raise NoReadableImage(f'no readable image among {[self.dataset.samples[i][0] for i in indices]}')
-        stand_in = {i: readable[bisect.bisect_left(readable, i) % len(readable)] for i in range(len(images))}
-        crops = torch.stack([self.augment(images[stand_in[i]], seeds[stand_in[i]]) for i in range(len(images))])
-        return self.normalized.normalize(crops, labels[[stand_in[i] for i in range(len(images))]])
+        stand_in = [readable[bisect.bisect_left(readable, i) % len(readable)] for i in range(len(images))]
+        crops = torch.stack([self.augment(images[i], boxes[i], seeds[i]) for i in stand_in])
+        return self.normalized.normalize(crops, labels[stand_in])
 
     def decode(self, data, indices):
         try:
@@ -230,10 +250,8 @@ class DecodedOnDevice:
             self.dataset.skip(index, e)
             return None
 
-    def augment(self, image, seeds):
-        with runtime.seeded(*seeds):  # the draws of pretrain_transform for this image
-            top, left, height, width = transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
-            flip = torch.rand(1) < 0.5
+    def augment(self, image, box, seeds):
+        top, left, height, width, flip = box if box != NO_BOX else crop_box(image, seeds)
         crop = transforms.functional.resized_crop(image, top, left, height, width, [self.img_size] * 2,
                                                   transforms.InterpolationMode.BICUBIC, antialias=True)
         return crop.flip(-1) if flip else crop
@@ -395,7 +413,7 @@ def build_training_images(args, rank, world_size, device):
         workers = DataLoader(dataset, batch_size=args.batch_size, sampler=ImageSeeds(sampler, args.seed),
                              num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
                              pin_memory=device.type == 'cuda', drop_last=True, worker_init_fn=ignore_stop_signals,
-                             collate_fn=as_lists if args.decode_on_device else None)
+                             collate_fn=as_flat_bytes if args.decode_on_device else None)
         loader = (DecodedOnDevice(workers, dataset, args.img_size, device) if args.decode_on_device
                   else NormalizedOnDevice(workers, device))
     steps_per_epoch = len(loader) // args.accum_iter

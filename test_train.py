@@ -233,21 +233,46 @@ def mixed_folder(root):
 
 
 def test_device_decoding_draws_the_worker_pipelines_boxes(tmp_path):
-    """Per image the same crop box and flip as pretrain_transform (same seeds); only the resize differs (tensor vs
-    PIL bicubic), by a few levels of 255 at most."""
+    """Per image the same crop box and flip as pretrain_transform (same seeds), drawn in the worker from the file's
+    header alone: exactly the box drawn from the decoded image (the previous design); only the resize differs from
+    the worker pipeline's (tensor vs PIL bicubic), by a few levels of 255 at most."""
     folder = mixed_folder(tmp_path / 'data')
     args = train.get_args_parser().parse_args(['--data', str(folder), '--decode_on_device', '--img_size', '32'])
     workers = data.build_dataset(args, 'train', data.pretrain_transform(32))
     files = data.build_dataset(args, 'train', None, data.ImageFileBytes)
     device_side = data.DecodedOnDevice(None, files, 32, torch.device('cpu'))
     for index, (path, _) in enumerate(files.samples):
-        if path.endswith('corrupt.jpg'):
-            continue
         seeds = (0, 5, index)
-        expected = workers[index, seeds][0].float()
-        data_bytes = files[index, seeds][0]
-        got = device_side.augment(device_side.decode_one(data_bytes, index), seeds).float()
-        assert (got - expected).abs().mean() < 3, path
+        data_bytes, _, _, box, _ = files[index, seeds]
+        if path.endswith('corrupt.jpg'):
+            assert box == data.NO_BOX
+            continue
+        image = device_side.decode_one(data_bytes, index)
+        assert box == data.crop_box(image, seeds), path  # from the header: what the decoded image gives
+        got = device_side.augment(image, box, seeds).float()
+        assert (got - workers[index, seeds][0].float()).abs().mean() < 3, path
+
+
+def test_device_decoding_ships_a_batch_as_one_flat_tensor_and_gives_each_image_its_box(tmp_path):
+    """A batch crosses from a worker as one byte tensor with lengths; the device side splits it, decodes and crops
+    each image with its box; an unreadable file takes the next readable image (and its box) and is counted."""
+    folder = mixed_folder(tmp_path / 'data')
+    args = train.get_args_parser().parse_args(['--data', str(folder), '--decode_on_device', '--img_size', '32'])
+    files = data.build_dataset(args, 'train', None, data.ImageFileBytes)
+    device_side = data.DecodedOnDevice(None, files, 32, torch.device('cpu'))
+    indices = list(range(len(files)))
+    items = [files[i, (0, 1, i)] for i in indices]
+    flat, lengths, labels, _, boxes, seeds = data.as_flat_bytes(items)
+    assert flat.ndim == 1 and lengths.tolist() == [len(item[0]) for item in items]
+    imgs, got_labels = device_side.batch(flat, lengths, labels, indices, boxes, seeds)
+    corrupt = next(i for i, (path, _) in enumerate(files.samples) if path.endswith('corrupt.jpg'))
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    for i in indices:
+        source = i + 1 if i == corrupt else i  # the stand-in: the next readable image, with its own box
+        expected = device_side.augment(device_side.decode_one(items[source][0], source), boxes[source], seeds[source])
+        assert torch.allclose(imgs[i], (expected.float() / 255 - mean) / std) and got_labels[i] == labels[source]
+    assert int(files.unreadable.sum()) == 1
 
 
 def test_device_decoding_trains_skips_and_counts_bad_files_and_resumes_exactly(tmp_path, monkeypatch):

@@ -160,6 +160,24 @@ def endless_batches(images):
         yield from images.loader
 
 
+# bench.py --suite gpu: the table docs/performance.md shows, in one call. Each row: its name, its methods ('loader':
+# the input pipeline, with --data) and the flags it sets over the command line's. Sized to take about 6 minutes on
+# one H100/H200 (an estimate until a GPU runs it: compiling is most of it).
+VIT_B = dict(model='vit_base', img_size=224, patch_size=16, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+             batch_size=128)
+SMALL_RECIPE = dict(model='vit_tiny', img_size=64, patch_size=8, decoder_dim=128, decoder_depth=4, decoder_heads=4,
+                    batch_size=256)
+SUITES = {'gpu': [
+    ('ViT-B/16, eager', 'mae,hf_vitmae,mrmae,mcmae,mrmcmae,dbot', VIT_B),
+    ('ViT-B/16, compiled', 'mae,hf_vitmae,dbot', dict(VIT_B, compile=True)),
+    ('small recipe (ViT-Tiny/8, 64 px), eager', 'mae,dbot', SMALL_RECIPE),
+    ('small recipe (ViT-Tiny/8, 64 px), compiled', 'mae,dbot', dict(SMALL_RECIPE, compile=True)),
+    ('loader, workers', 'loader', dict(img_size=224, batch_size=256, num_workers=8)),
+    ('loader, --decode_on_device', 'loader', dict(img_size=224, batch_size=256, num_workers=8, decode_on_device=True)),
+]}
+SUITE_FLAGS_FREE = {'device', 'data', 'precision'}  # what a suite takes from the command line
+
+
 # The train.py flags a benchmark uses: the model, the method's teachers, the optimizer, the device and the loader.
 # The others (schedule, output, resume, ...) are hidden from --help and refused when given.
 TRAIN_FLAGS_USED = {
@@ -185,6 +203,9 @@ def get_args_parser():
     parser.add_argument('--warmup_steps', default=3, type=flags.AMOUNT)
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')
+    parser.add_argument('--suite', default=None, choices=sorted(SUITES),
+                        help='gpu: the whole GPU table of docs/performance.md in one call (every method at ViT-B/16 '
+                             'eager, MAE, HF ViTMAE and dBOT compiled, the small recipe, and with --data both loaders)')
     parser.set_defaults(data=None, batch_size=64)
     return parser
 
@@ -197,15 +218,19 @@ def check_args(args, parser):
             runtime.fail(f'--{flag}: bench.py does not use it (it times single steps on fixed images)')
     if args.data_only and args.data is None:
         runtime.fail('--data_only measures the input pipeline of --data FOLDER: give --data')
+    if args.suite:
+        chosen = [flag for flag in sorted(TRAIN_FLAGS_USED - SUITE_FLAGS_FREE) if getattr(args, flag) !=
+                  parser.get_default(flag)] + ['methods'] * (args.methods is not None) + ['data_only'] * args.data_only
+        if chosen:
+            runtime.fail(f'--{chosen[0]}: --suite {args.suite} sets the methods and the model, loader and compile '
+                         f'flags of every row itself (give --device, --data, --precision, --steps, --warmup_steps)')
+        if not args.device.startswith('cuda'):
+            runtime.fail(f'--suite {args.suite} measures a GPU: give --device cuda (on a machine that has one)')
     known = sorted(train.METHODS) + ['hf_vitmae']
     methods = [] if args.data_only else args.methods.split(',') if args.methods else known
     for method in methods:
         if method not in known:
             runtime.fail(f'--methods: {method!r} is not a method (choose from {", ".join(known)})')
-    if 'hf_vitmae' in methods and not hf_available():
-        print('skipping hf_vitmae: transformers is not installed (pip install transformers to compare with it)',
-              file=sys.stderr)
-        methods.remove('hf_vitmae')
     return methods
 
 
@@ -215,29 +240,50 @@ def main():
     methods = check_args(args, parser)
     train.validate_args(args)
     device = torch.device(args.device)
+    rows = SUITES[args.suite] if args.suite else [(None, ','.join(methods + ['loader'] * bool(args.data)), {})]
     # a signal ends the benchmark at once, in one line (runtime.on_signal); the stand-ins go whatever happens
     with runtime.stop_on_signals(), tempfile.TemporaryDirectory() as standins:
-        mimicking = any(m.startswith('mr') for m in methods)
-        if mimicking and args.clip_weights is None and args.dino_weights is None:
-            # MR-MAE's teachers, randomly initialised: speed does not depend on the weights
-            args.clip_weights, args.dino_weights = teachers.save_standin_weights(standins, args.clip_model,
-                                                                              args.dino_model)
         peak_flops = flops.measured_peak_flops(device) if device.type == 'cuda' else None
-        teacher_flag = args.teacher  # bench_method sets args.teacher per method
-        results = [bench_method(m, args, device, peak_flops, teacher_flag) for m in methods]
-    if args.data:
-        results.append(bench_loader(args, device))
+        if not args.json and peak_flops:
+            print(f'bf16 peak {peak_flops / 1e12:.0f} TFLOP/s measured on {torch.cuda.get_device_name(device)}')
+        for name, row_methods, overrides in rows:
+            row_args = argparse.Namespace(**dict(vars(args), **overrides))
+            results = measure(row_args, row_methods.split(','), device, peak_flops, standins)
+            report(results, row_args, name)
+
+
+def measure(args, methods, device, peak_flops, standins):
+    """One row of a suite, or the command line's: each method's step, then ('loader' among methods, with --data) the
+    input pipeline. -> the result dicts."""
+    if args.data is None and 'loader' in methods:
+        print('skipping the loader: give --data FOLDER to measure it', file=sys.stderr)
+    if 'hf_vitmae' in methods and not hf_available():
+        print('skipping hf_vitmae: transformers is not installed (pip install transformers to compare with it)',
+              file=sys.stderr)
+        methods = [m for m in methods if m != 'hf_vitmae']
+    if any(m.startswith('mr') for m in methods) and args.clip_weights is None and args.dino_weights is None:
+        # MR-MAE's teachers, randomly initialised: speed does not depend on the weights
+        args.clip_weights, args.dino_weights = teachers.save_standin_weights(standins, args.clip_model,
+                                                                          args.dino_model)
+    teacher_flag = args.teacher  # bench_method sets args.teacher per method
+    return ([bench_method(m, args, device, peak_flops, teacher_flag) for m in methods if m != 'loader'] +
+            ([bench_loader(args, device)] if 'loader' in methods and args.data else []))
+
+
+def report(results, args, name=None):
+    """Each result as a JSON line (--json), else as the rows of a table under a heading naming the configuration;
+    printed as each row of a suite ends, so that a run cut short keeps what it measured."""
     if args.json:
-        for row in results:
-            print(json.dumps(row))
+        for result in results:
+            print(json.dumps(dict(result, suite_row=name) if name else result), flush=True)
         return
     columns = ['method', 'device', 'batch_size', 'step_ms', 'teacher_ms', 'img_per_s', 'gflops_per_img',
                'peak_mem_mb', 'mfu']
-    print(f'{args.model} at {args.img_size} px, patch {args.patch_size}, decoder {args.decoder_dim}x'
-          f'{args.decoder_depth}' + (f'; bf16 peak {peak_flops / 1e12:.0f} TFLOP/s measured' if peak_flops else ''))
+    print(f'\n{name + ": " if name else ""}{args.model} at {args.img_size} px, patch {args.patch_size}, decoder '
+          f'{args.decoder_dim}x{args.decoder_depth}, {args.precision}{", compiled" if args.compile else ""}')
     print(' | '.join(columns))
-    for row in results:
-        print(' | '.join(str(row.get(c, '')) for c in columns))
+    for result in results:
+        print(' | '.join(str(result.get(c, '')) for c in columns), flush=True)
 
 
 if __name__ == '__main__':

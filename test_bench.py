@@ -1,5 +1,6 @@
 """bench.py runs on the CPU and prints one JSON object per method with the documented fields."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -67,9 +68,31 @@ def test_bench_leaves_tmp_as_it_found_it_and_skips_a_peer_whose_package_is_missi
 
 
 @pytest.mark.parametrize('argv', [['--methods', 'foo'], ['--methods', 'mae,,dbot'], ['--steps', '0'],
-                                  ['--warmup_steps', '-1'], ['--data_only'], ['--epochs', '5'], ['--resume', 'x.pth']])
+                                  ['--warmup_steps', '-1'], ['--data_only'], ['--epochs', '5'], ['--resume', 'x.pth'],
+                                  ['--suite', 'gpu'], ['--suite', 'gpu', '--model', 'vit_small'],
+                                  ['--suite', 'gpu', '--methods', 'mae']])
 def test_bench_refuses_flags_it_cannot_honour_in_one_line(argv):
     result = subprocess.run([sys.executable, 'bench.py', '--device', 'cpu', *argv], cwd=Path(__file__).parent,
                             capture_output=True, text=True)
     assert result.returncode != 0 and result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, \
         result.stderr[-500:]
+
+
+def test_a_suite_runs_its_rows_with_their_flags_and_names_each_result(image_folder, monkeypatch, capsys):
+    """--suite gpu needs a GPU (refused above on the CPU); its machinery, on the CPU with rows of tiny size: each row's
+    flags reach the measurement, and each result names its row."""
+    import bench
+    tiny = dict(model='vit_tiny', img_size=32, patch_size=8, decoder_dim=32, decoder_depth=1, decoder_heads=4,
+                batch_size=2)
+    monkeypatch.setitem(bench.SUITES, 'gpu', [('tiny, eager', 'mae,dbot', tiny),
+                                              ('tiny, patch 16', 'mae', dict(tiny, patch_size=16)),
+                                              ('loader', 'loader', dict(img_size=32, batch_size=4, num_workers=0))])
+    monkeypatch.setattr(sys, 'argv', ['bench.py', '--suite', 'gpu', '--device', 'cuda', '--data', str(image_folder),
+                                      '--json', '--steps', '1', '--warmup_steps', '0'])
+    monkeypatch.setattr(bench.train, 'validate_args', lambda args: setattr(args, 'device', 'cpu'))  # no GPU here
+    monkeypatch.setattr(bench.runtime, 'stop_on_signals', contextlib.nullcontext)
+    bench.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{')]
+    assert [(row['suite_row'], row['method']) for row in rows] == [
+        ('tiny, eager', 'mae'), ('tiny, eager', 'dbot'), ('tiny, patch 16', 'mae'), ('loader', 'loader:workers')]
+    assert [row['patch_size'] for row in rows[:3]] == [8, 8, 16] and rows[3]['batch_size'] == 4

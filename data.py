@@ -10,7 +10,6 @@ import io
 import itertools
 import math
 import os
-import signal
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -29,16 +28,6 @@ from torchvision.datasets.folder import has_file_allowed_extension
 import runtime
 
 
-def default_workers():
-    """Loader workers per process: the cores this process may run on (its affinity: a scheduler's share of the node,
-    not every core the node has) shared among the processes torchrun starts on it, at most 8 (beyond that the model,
-    not decoding, is usually the limit), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    processes = os.environ.get('LOCAL_WORLD_SIZE', '1')  # torchrun's; a leftover may say anything
-    processes = max(1, int(processes)) if processes.isdigit() else 1
-    return max(1, min(8, cores // processes))
-
-
 def pretrain_transform(img_size):
     """MAE §A.1: RandomResizedCrop (scale 0.2-1, bicubic) and horizontal flip are the only augmentations. Loader
     workers stop at uint8 tensors (a quarter of float32's bytes to ship and pin); normalize_on_device finishes."""
@@ -53,9 +42,7 @@ class NormalizedOnDevice:
     (x - mean) / std, the same operations in the same order, so the values are those of the float pipeline."""
 
     def __init__(self, loader, device):
-        self.loader, self.device = loader, device
-        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+        self.loader, self.device, (self.mean, self.std) = loader, device, imagenet_mean_std(device)
 
     def __len__(self):
         return len(self.loader)
@@ -67,6 +54,10 @@ class NormalizedOnDevice:
     def normalize(self, imgs, labels):
         imgs = imgs.to(self.device, non_blocking=True).float().div_(255)
         return imgs.sub_(self.mean).div_(self.std), labels.to(self.device, non_blocking=True)
+
+
+def imagenet_mean_std(device):  # (1, 3, 1, 1) tensors on the device, to normalise batches there
+    return [torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
 
 
 def eval_transform(img_size):
@@ -89,6 +80,7 @@ def load_rgb(path):
 # What PIL raises for a file it cannot read: unidentified or truncated (OSError), malformed (SyntaxError), or more
 # than twice Image.MAX_IMAGE_PIXELS, a decompression bomb that would fill the memory (DecompressionBombError)
 UNREADABLE = (OSError, SyntaxError, Image.DecompressionBombError)
+NO_BOX = (0, 0, 0, 0, 0)  # the crop box of a file whose header cannot be read (--decode_on_device)
 
 
 class ImageFolderSkippingBroken(datasets.ImageFolder):
@@ -130,7 +122,7 @@ class ImageFolderSkippingBroken(datasets.ImageFolder):
         refused in one line: its images would count twice, or under another class's label."""
         reached, samples, linked, empty = {os.path.realpath(directory): directory}, [], [], []
         for name, label in sorted(class_to_idx.items()):
-            found = 0
+            listed = len(samples)
             for folder, subfolders, files in os.walk(os.path.join(directory, name), followlinks=True):
                 refuse_reached_twice(folder, os.path.realpath(folder), reached, directory)
                 subfolders.sort()
@@ -139,8 +131,7 @@ class ImageFolderSkippingBroken(datasets.ImageFolder):
                     if has_file_allowed_extension(file, extensions) if is_valid_file is None else is_valid_file(path):
                         linked += [path] if os.path.islink(path) else []
                         samples.append((path, label))
-                        found += 1
-            empty += [] if found else [name]
+            empty += [name] if len(samples) == listed else []
         for path in linked:  # a linked file is an alias when its target is listed too, by another link or its folder
             target = os.path.realpath(path)
             refuse_reached_twice(path, os.path.dirname(target) if os.path.dirname(target) in reached else target,
@@ -185,9 +176,6 @@ class ImageFileBytes(ImageFolderSkippingBroken):
         return torch.from_numpy(data), label, index, box, seeds
 
 
-NO_BOX = (0, 0, 0, 0, 0)
-
-
 def crop_box(image, seeds):
     """pretrain_transform's RandomResizedCrop and flip draws for this image under its seeds: (top, left, height,
     width, flip). `image`: a PIL image (its header suffices) or a decoded tensor of the same size."""
@@ -204,7 +192,7 @@ def as_flat_bytes(batch):
     return torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(labels), indices, boxes, seeds
 
 
-class DecodedOnDevice:
+class DecodedOnDevice(NormalizedOnDevice):
     """--decode_on_device: batches of file bytes -> augmented, normalised images on the device, in the sampler's
     order. JPEGs are decoded as one batch (torchvision.io.decode_jpeg; nvJPEG on GPUs); a file that decoder cannot
     take (PNG, CMYK or 16-bit images, a corrupt file) is decoded alone on the CPU (PIL), and one that nothing can
@@ -213,11 +201,8 @@ class DecodedOnDevice:
     torchvision's tensor resize instead of PIL's, antialiased) and normalised as NormalizedOnDevice does."""
 
     def __init__(self, loader, dataset, img_size, device):
-        self.loader, self.dataset, self.img_size, self.device = loader, dataset, img_size, device
-        self.normalized = NormalizedOnDevice(loader, device)
-
-    def __len__(self):
-        return len(self.loader)
+        super().__init__(loader, device)
+        self.dataset, self.img_size = dataset, img_size
 
     def __iter__(self):
         batches = iter(self.loader)  # now: the caller decides what RNG state it sees
@@ -230,7 +215,7 @@ class DecodedOnDevice:
             raise NoReadableImage(f'no readable image among {[self.dataset.samples[i][0] for i in indices]}')
         stand_in = [readable[bisect.bisect_left(readable, i) % len(readable)] for i in range(len(images))]
         crops = torch.stack([self.augment(images[i], boxes[i], seeds[i]) for i in stand_in])
-        return self.normalized.normalize(crops, labels[stand_in])
+        return self.normalize(crops, labels[stand_in])
 
     def decode(self, data, indices):
         try:
@@ -255,14 +240,6 @@ class DecodedOnDevice:
         crop = transforms.functional.resized_crop(image, top, left, height, width, [self.img_size] * 2,
                                                   transforms.InterpolationMode.BICUBIC, antialias=True)
         return crop.flip(-1) if flip else crop
-
-
-def ignore_stop_signals(worker_id):
-    """worker_init_fn: loader workers leave SIGTERM and SIGINT to the main process. A signal sent to the whole process
-    group (Ctrl-C in a terminal, a scheduler pre-empting a job) would otherwise kill them first, and the main process
-    would die of their deaths before it checkpoints; it stops them itself when it exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ImageSeeds:
@@ -308,7 +285,7 @@ class GpuDataImages:
     in the order of the same (resumable, distributed) sampler."""
 
     def __init__(self, dataset, sampler, batch_size, img_size, device, num_workers):
-        decoded = DataLoader(dataset, batch_size=256, num_workers=num_workers, worker_init_fn=ignore_stop_signals)
+        decoded = DataLoader(dataset, batch_size=256, num_workers=num_workers, worker_init_fn=runtime.ignore_stop_signals)
         try:
             images, labels = zip(*decoded)
         except RuntimeError as e:  # default_collate cannot stack images of different sizes
@@ -316,8 +293,7 @@ class GpuDataImages:
                          f'({" ".join(str(e).split())})')
         self.images, self.labels = torch.cat(images).to(device), torch.cat(labels).to(device)
         self.sampler, self.batch_size, self.img_size = sampler, batch_size, img_size
-        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+        self.mean, self.std = imagenet_mean_std(device)
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
@@ -412,7 +388,7 @@ def build_training_images(args, rank, world_size, device):
     else:  # workers started once, kept across epochs; uint8 batches, pinned on GPUs, normalised on the device
         workers = DataLoader(dataset, batch_size=args.batch_size, sampler=ImageSeeds(sampler, args.seed),
                              num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
-                             pin_memory=device.type == 'cuda', drop_last=True, worker_init_fn=ignore_stop_signals,
+                             pin_memory=device.type == 'cuda', drop_last=True, worker_init_fn=runtime.ignore_stop_signals,
                              collate_fn=as_flat_bytes if args.decode_on_device else None)
         loader = (DecodedOnDevice(workers, dataset, args.img_size, device) if args.decode_on_device
                   else NormalizedOnDevice(workers, device))

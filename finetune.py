@@ -60,7 +60,7 @@ def get_args_parser():
     parser.add_argument('--data', type=flags.text, required=True,
                         help='as train.py: cifar10, cifar100, or an ImageFolder with val/')
     parser.add_argument('--data_dir', type=flags.text, default='./data')
-    parser.add_argument('--num_workers', default=data.default_workers(), type=flags.AMOUNT, help='as train.py')
+    parser.add_argument('--num_workers', default=flags.default_workers(), type=flags.AMOUNT, help='as train.py')
     # architecture: from the checkpoint; these only for --checkpoint none (or to change the resolution)
     parser.add_argument('--method', default='mae', choices=sorted(train.METHODS),
                         help='--checkpoint none: whose encoder to build (mcmae/mrmcmae: the hybrid)')
@@ -483,10 +483,10 @@ def set_up_training(run):
                                          seed=args.seed)
     run.loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=run.sampler,
                             num_workers=args.num_workers, pin_memory=device.type == 'cuda', drop_last=True,
-                            worker_init_fn=data.ignore_stop_signals)
+                            worker_init_fn=runtime.ignore_stop_signals)
     # Evaluation shards the validation set; DistributedSampler pads the last shard by repeating a few images.
     run.val_loader = DataLoader(run.val_set, batch_size=args.batch_size, num_workers=args.num_workers,
-                                worker_init_fn=data.ignore_stop_signals,
+                                worker_init_fn=runtime.ignore_stop_signals,
                                 sampler=DistributedSampler(run.val_set, run.world_size, run.rank, shuffle=False))
     if len(run.loader) == 0:
         runtime.fail(f'{len(run.train_set)} images are too few for {run.world_size} process(es) x --batch_size '

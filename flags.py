@@ -7,6 +7,7 @@ test_bad_input.py walks every parser and every flag: a flag added later is cover
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,16 @@ FRACTION = Range(float, 0, 1, open_high=True)  # [0, 1): drop path, probabilitie
 RATE = Range(float, 0, 1e3, open_low=True)  # a positive learning rate or scale
 NONNEGATIVE = Range(float, 0, 1e6)  # weights and decays
 SEED = Range(int, 0, 2 ** 63 - 1)  # what torch.manual_seed takes
+
+
+def default_workers():
+    """Loader workers per process: the cores this process may run on (its affinity: a scheduler's share of the node,
+    not every core the node has) shared among the processes torchrun starts on it, at most 8 (beyond that the model,
+    not decoding, is usually the limit), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    processes = os.environ.get('LOCAL_WORLD_SIZE', '1')  # torchrun's; a leftover may say anything
+    processes = max(1, int(processes)) if processes.isdigit() else 1
+    return max(1, min(8, cores // processes))
 
 
 def check_device(name):

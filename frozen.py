@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoints
-import data
+import runtime
 import train
 
 
@@ -42,7 +42,7 @@ def extract_features(classifier, dataset, args, device, split):
     """Frozen features of every image of dataset (its evaluation view), in order: (N, D) float32 and (N,) labels."""
     classifier.eval()
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                        worker_init_fn=data.ignore_stop_signals)
+                        worker_init_fn=runtime.ignore_stop_signals)
     features, labels = zip(*[(classifier.features(x.to(device)).float(), y.to(device))
                              for x, y in tqdm(loader, desc=f'{split} features')])
     return torch.cat(features), torch.cat(labels)

@@ -294,6 +294,14 @@ def stop_loader_workers():
         signal.signal(signal.SIGCHLD, torch_handler)
 
 
+def ignore_stop_signals(worker_id):
+    """worker_init_fn: loader workers leave SIGTERM and SIGINT to the main process. A signal sent to the whole process
+    group (Ctrl-C in a terminal, a scheduler pre-empting a job) would otherwise kill them first, and the main process
+    would die of their deaths before it checkpoints; it stops them itself when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def stop_after_step():
     """A training loop: inside, a signal only sets stop_requested, which the loop reads after each step (StopVote)."""

@@ -51,7 +51,7 @@ def get_args_parser():
                        help='cifar10, cifar100, or a folder: an ImageFolder root with train/ (and val/), '
                        'or a folder of class sub-folders')
     group.add_argument('--data_dir', type=flags.text, default='./data', help='where cifar10/cifar100 are downloaded to')
-    group.add_argument('--num_workers', default=data.default_workers(), type=flags.AMOUNT,
+    group.add_argument('--num_workers', default=flags.default_workers(), type=flags.AMOUNT,
                        help='loader processes per training process (default: its share of the cores, at most 8)')
     group.add_argument('--gpu_data', action='store_true',
                        help='decode a small data set (CIFAR, Tiny-ImageNet) once, keep it on the device as uint8 and '

@@ -285,7 +285,8 @@ class GpuDataImages:
     in the order of the same (resumable, distributed) sampler."""
 
     def __init__(self, dataset, sampler, batch_size, img_size, device, num_workers):
-        decoded = DataLoader(dataset, batch_size=256, num_workers=num_workers, worker_init_fn=runtime.ignore_stop_signals)
+        decoded = DataLoader(dataset, batch_size=256, num_workers=num_workers,
+                             worker_init_fn=runtime.ignore_stop_signals)
         try:
             images, labels = zip(*decoded)
         except RuntimeError as e:  # default_collate cannot stack images of different sizes
@@ -387,8 +388,8 @@ def build_training_images(args, rank, world_size, device):
         loader = GpuDataImages(dataset, sampler, args.batch_size, args.img_size, device, args.num_workers)
     else:  # workers started once, kept across epochs; uint8 batches, pinned on GPUs, normalised on the device
         workers = DataLoader(dataset, batch_size=args.batch_size, sampler=ImageSeeds(sampler, args.seed),
-                             num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
-                             pin_memory=device.type == 'cuda', drop_last=True, worker_init_fn=runtime.ignore_stop_signals,
+                             num_workers=args.num_workers, persistent_workers=args.num_workers > 0, drop_last=True,
+                             pin_memory=device.type == 'cuda', worker_init_fn=runtime.ignore_stop_signals,
                              collate_fn=as_flat_bytes if args.decode_on_device else None)
         loader = (DecodedOnDevice(workers, dataset, args.img_size, device) if args.decode_on_device
                   else NormalizedOnDevice(workers, device))

@@ -184,9 +184,9 @@ def encoder_state_dict(state_dict):
 def read_encoder_state_dict(path, hybrid=False, classifier=False):
     """The ViT encoder weights in a checkpoint file of any layout met in practice: ours (train.py checkpoints,
     dBOT teacher files, finetune.py's linear probes), official MAE ({'model': ...}), timm and DINO state dicts
-    (flat), DINO training checkpoints ({'teacher': ...} with 'module.backbone.' prefixes); with hybrid=True MCMAE's hybrid encoder too (its
-    conv stages under patch_embed.stem1...); with classifier=True a fine-tuned classifier's encoder too, which has no
-    final norm. Raises ValueError naming the problem."""
+    (flat), DINO training checkpoints ({'teacher': ...} with 'module.backbone.' prefixes); with hybrid=True MCMAE's
+    hybrid encoder too (its conv stages under patch_embed.stem1...); with classifier=True a fine-tuned classifier's
+    encoder too, which has no final norm. Raises ValueError naming the problem."""
     try:
         checkpoint = checkpoints.load_weights_file(path)
     except FileNotFoundError:

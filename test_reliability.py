@@ -6,6 +6,7 @@ import datetime
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -263,6 +264,22 @@ def test_truncated_foreign_or_mismatched_resume_is_refused(image_folder, tmp_pat
                        '--resume', str(tmp_path / 'run' / 'checkpoint-last.pth'))
 
 
+def test_a_resumed_optimizer_keeps_its_moments_and_takes_this_runs_hyperparameters(image_folder, tmp_path):
+    run_in_process(image_folder, tmp_path, '--epochs', '1')
+    args = train.get_args_parser().parse_args(flags(image_folder, tmp_path, '--epochs', '2', '--weight_decay', '0.1',
+                                                    '--betas', '0.8', '0.9'))
+    train.validate_args(args)
+    run = train.Run(args, 0, 1, torch.device('cpu'), nullcontext())
+    checkpoints.read_resumed(run, ('model', 'optimizer'), train.ON_RESUME, train.ON_RESUME.identity(args))
+    train.build_model(run)
+    saved = run.ckpt['optimizer']
+    checkpoints.restore_training(run, run.raw_model, run.optimizer)
+    groups = run.optimizer.param_groups
+    assert [g['weight_decay'] for g in groups] == [0.1, 0.0] and groups[0]['betas'] == (0.8, 0.9)
+    assert saved['param_groups'][0]['weight_decay'] == 0.05  # the checkpoint's, which load_state_dict would restore
+    assert torch.equal(run.optimizer.state_dict()['state'][0]['exp_avg'], saved['state'][0]['exp_avg'])
+
+
 def another_value(action, value):
     """A different value the flag's declaration allows (the resume table's test changes every flag with it)."""
     if action.choices:
@@ -442,11 +459,17 @@ def test_two_gloo_processes_update_weights_as_one_process_on_the_whole_batch():
 
 
 def test_torchrun_two_processes_on_cpu_end_to_end(image_folder, tmp_path):
+    """Two corrupt files among 18: each epoch's skipped_images counts both, whichever rank's share holds them (rank 0
+    counted its own only)."""
+    data = tmp_path / 'data'
+    shutil.copytree(image_folder, data)
+    for k in range(2):
+        (data / 'train' / f'class_{k}' / 'corrupt.jpg').write_bytes(b'not an image')
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                             'train.py'] + flags(image_folder, tmp_path, '--epochs', '2', '--batch_size', '2'),
+                             'train.py'] + flags(data, tmp_path / 'out', '--epochs', '2', '--batch_size', '3'),
                             cwd=HERE, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(logged(tmp_path)) == 2 and (tmp_path / 'checkpoint-last.pth').exists()
+    assert logged(tmp_path / 'out', 'skipped_images') == [2, 2]  # 9 images per rank, 3 batches of 3: all used
 
 
 KILL_ONE_WORKER = '''

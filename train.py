@@ -510,8 +510,8 @@ class EpochTally:
                    gflops_per_img=round(run.flops / 1e9, 6), **means)
         if run.peak_flops:
             row['mfu'] = round(flops.mfu(img_per_s, run.flops, run.peak_flops, run.world_size), 4)
-        skipped_images = run.images.dataset.unreadable.sum() if hasattr(run.images.dataset, 'unreadable') else 0
-        return dict(row, skipped_steps=self.skipped_steps, skipped_images=int(skipped_images))
+        unreadable = getattr(run.images.dataset, 'unreadable', torch.zeros(0))  # per file, on any rank (CIFAR: none)
+        return dict(row, skipped_steps=self.skipped_steps, skipped_images=int(sum(runtime.max_over_ranks(unreadable))))
 
 
 def save_figure(rows, caption, path, min_size=128):

@@ -91,7 +91,7 @@ def bench_method(method, args, device, peak_flops, teacher_flag=None):
         teacher = teacher.to(device) if teacher is not None else None
     flops = train.flops_per_image(model, teacher, args, device)
     optimizer = train.build_optimizer(model, args, 1e-4)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model, mode=args.compile) if args.compile else model
     autocast = runtime.autocast_for(args, device)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
 
@@ -147,10 +147,56 @@ def bench_loader(args, device):
     synchronize(device)
     seconds = time.perf_counter() - begin
     pipeline = 'gpu_data' if args.gpu_data else 'decode_on_device' if args.decode_on_device else 'workers'
+    device_side = dict(main_process_per_batch=main_process_per_batch(images, device)) if args.decode_on_device else {}
     return dict(method=f'loader:{pipeline}', data=args.data, device=str(device), num_workers=args.num_workers,
                 batch_size=args.batch_size, batches=args.steps, img_per_s=round(count / seconds, 1),
                 img_per_s_per_core=round(count / seconds / max(1, min(args.num_workers, os.cpu_count())), 1),
-                worker_ms_per_image=None if args.gpu_data else round(worker_ms_per_image(images.dataset), 3))
+                worker_ms_per_image=None if args.gpu_data else round(worker_ms_per_image(images.dataset), 3),
+                **device_side)
+
+
+def main_process_per_batch(images, device):
+    """--decode_on_device: what the main process spends on one batch (decode, crop, resize, flip, normalise), image
+    by image and batched (device_augment.resized_crops): host ms, the operators it calls from Python (torch's and
+    torchvision's decoders: on the CPU torchvision decodes a list of JPEGs in a Python loop, on a GPU in one call),
+    the device kernels they launch (on a GPU) and the Python calls it makes."""
+    decoded_on_device, raw = images.loader, next(iter(images.loader.loader))
+    costs = {}
+    for name, batched in (('one_by_one', False), ('batched', True)):
+        decoded_on_device.batched = batched
+        decoded_on_device.batch(*raw)  # warm-up
+        synchronize(device)
+        begin = time.perf_counter()
+        decoded_on_device.batch(*raw)
+        host_ms = 1e3 * (time.perf_counter() - begin)
+        synchronize(device)
+        calls = []
+        sys.setprofile(lambda frame, event, arg: calls.append(event) if event in ('call', 'c_call') else None)
+        try:
+            decoded_on_device.batch(*raw)
+        finally:
+            sys.setprofile(None)
+        activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (
+            device.type == 'cuda')
+        with torch.profiler.profile(activities=activities) as profile:
+            decoded_on_device.batch(*raw)
+            synchronize(device)
+        events = profile.events()
+        costs[name] = dict(host_ms=round(host_ms, 2), python_calls=len(calls),
+                           ops=sum('::' in e.name and not is_within_op(e) for e in events),
+                           kernels=sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+                           if device.type == 'cuda' else None)
+    decoded_on_device.batched = device.type != 'cpu'
+    return dict(images=len(raw[1]), **costs)
+
+
+def is_within_op(event):  # an operator (aten::, or torchvision's image::) called by another, not from Python
+    parent = event.cpu_parent
+    while parent is not None:
+        if '::' in parent.name:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def endless_batches(images):
@@ -169,9 +215,10 @@ SMALL_RECIPE = dict(model='vit_tiny', img_size=64, patch_size=8, decoder_dim=128
                     batch_size=256)
 SUITES = {'gpu': [
     ('ViT-B/16, eager', 'mae,hf_vitmae,mrmae,mcmae,mrmcmae,dbot', VIT_B),
-    ('ViT-B/16, compiled', 'mae,hf_vitmae,dbot', dict(VIT_B, compile=True)),
+    ('ViT-B/16, compiled', 'mae,hf_vitmae,dbot', dict(VIT_B, compile='default')),
     ('small recipe (ViT-Tiny/8, 64 px), eager', 'mae,dbot', SMALL_RECIPE),
-    ('small recipe (ViT-Tiny/8, 64 px), compiled', 'mae,dbot', dict(SMALL_RECIPE, compile=True)),
+    ('small recipe (ViT-Tiny/8, 64 px), compiled', 'mae,dbot', dict(SMALL_RECIPE, compile='default')),
+    ('small recipe (ViT-Tiny/8, 64 px), CUDA graphs', 'mae,dbot', dict(SMALL_RECIPE, compile='reduce-overhead')),
     ('loader, workers', 'loader', dict(img_size=224, batch_size=256, num_workers=8)),
     ('loader, --decode_on_device', 'loader', dict(img_size=224, batch_size=256, num_workers=8, decode_on_device=True)),
 ]}
@@ -279,11 +326,18 @@ def report(results, args, name=None):
         return
     columns = ['method', 'device', 'batch_size', 'step_ms', 'teacher_ms', 'img_per_s', 'gflops_per_img',
                'peak_mem_mb', 'mfu']
+    compiled = f', compiled ({args.compile})' if args.compile else ''
     print(f'\n{name + ": " if name else ""}{args.model} at {args.img_size} px, patch {args.patch_size}, decoder '
-          f'{args.decoder_dim}x{args.decoder_depth}, {args.precision}{", compiled" if args.compile else ""}')
+          f'{args.decoder_dim}x{args.decoder_depth}, {args.precision}{compiled}')
     print(' | '.join(columns))
     for result in results:
         print(' | '.join(str(result.get(c, '')) for c in columns), flush=True)
+        if 'main_process_per_batch' in result:
+            costs = result['main_process_per_batch']
+            print(f'  main process per batch of {costs["images"]}: ' + '; '.join(
+                f'{name.replace("_", " ")}: {costs[name]["host_ms"]} ms, {costs[name]["ops"]} operators, '
+                f'{costs[name]["kernels"]} kernels, {costs[name]["python_calls"]} Python calls'
+                for name in ('one_by_one', 'batched')), flush=True)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,6 @@ augmentation on the device (--decode_on_device), and a small data set decoded on
 import bisect
 import io
 import itertools
-import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import has_file_allowed_extension
 
+import device_augment
 import runtime
 
 
@@ -196,26 +195,31 @@ class DecodedOnDevice(NormalizedOnDevice):
     """--decode_on_device: batches of file bytes -> augmented, normalised images on the device, in the sampler's
     order. JPEGs are decoded as one batch (torchvision.io.decode_jpeg; nvJPEG on GPUs); a file that decoder cannot
     take (PNG, CMYK or 16-bit images, a corrupt file) is decoded alone on the CPU (PIL), and one that nothing can
-    read is replaced by the batch's next image and counted, as the worker pipeline does. Each image is then cropped,
-    resized and flipped with the box its worker drew (crop_box: the worker pipeline's draws, from the same seeds;
-    torchvision's tensor resize instead of PIL's, antialiased) and normalised as NormalizedOnDevice does."""
+    read is replaced by the batch's next image and counted, as the worker pipeline does. The batch is then cropped,
+    resized and flipped with the boxes its workers drew (crop_box: the worker pipeline's draws, from the same seeds;
+    torchvision's tensor resize instead of PIL's, antialiased) and normalised as NormalizedOnDevice does: in a few
+    batched kernels (device_augment.resized_crops) on a GPU, where launches cost the host; image by image on the
+    CPU, where the batched products' arithmetic on padded images costs more. On a GPU the next batch is prepared on
+    a side stream while the current one trains (prepared_ahead)."""
 
     def __init__(self, loader, dataset, img_size, device):
         super().__init__(loader, device)
-        self.dataset, self.img_size = dataset, img_size
+        self.dataset, self.img_size, self.batched = dataset, img_size, device.type != 'cpu'
 
     def __iter__(self):
         batches = iter(self.loader)  # now: the caller decides what RNG state it sees
-        return (self.batch(*batch) for batch in batches)
+        return prepared_ahead((self.batch(*batch) for batch in batches), self.device)
 
     def batch(self, flat, lengths, labels, indices, boxes, seeds):
         images = self.decode(list(torch.split(flat, lengths.tolist())), indices)
         readable = [i for i, image in enumerate(images) if image is not None]
         if not readable:
             raise NoReadableImage(f'no readable image among {[self.dataset.samples[i][0] for i in indices]}')
-        stand_in = [readable[bisect.bisect_left(readable, i) % len(readable)] for i in range(len(images))]
-        crops = torch.stack([self.augment(images[i], boxes[i], seeds[i]) for i in stand_in])
-        return self.normalize(crops, labels[stand_in])
+        boxes = [boxes[i] if boxes[i] != NO_BOX else crop_box(images[i], seeds[i]) for i in readable]
+        resize = device_augment.resized_crops if self.batched else device_augment.resized_crops_one_by_one
+        crops = resize([images[i] for i in readable], boxes, self.img_size)
+        stand_in = [bisect.bisect_left(readable, i) % len(readable) for i in range(len(images))]  # the next readable
+        return self.normalize(crops[stand_in], labels[[readable[i] for i in stand_in]])
 
     def decode(self, data, indices):
         try:
@@ -235,11 +239,25 @@ class DecodedOnDevice(NormalizedOnDevice):
             self.dataset.skip(index, e)
             return None
 
-    def augment(self, image, box, seeds):
-        top, left, height, width, flip = box if box != NO_BOX else crop_box(image, seeds)
-        crop = transforms.functional.resized_crop(image, top, left, height, width, [self.img_size] * 2,
-                                                  transforms.InterpolationMode.BICUBIC, antialias=True)
-        return crop.flip(-1) if flip else crop
+
+def prepared_ahead(batches, device):
+    """The batches, each yielded once the next one is being prepared: on a GPU that preparation runs on a side
+    stream, so the next batch decodes and resizes while the current one trains."""
+    side = torch.cuda.Stream(device) if device.type == 'cuda' else None
+
+    def next_batch():
+        with torch.cuda.stream(side) if side else nullcontext():
+            return next(batches, None)
+
+    ready = next_batch()
+    while ready is not None:
+        if side:  # the step waits for this batch's kernels; the allocator keeps its memory until the step is done
+            torch.cuda.current_stream(device).wait_stream(side)
+            for tensor in ready:
+                tensor.record_stream(torch.cuda.current_stream(device))
+        upcoming = next_batch()
+        yield ready
+        ready = upcoming
 
 
 class ImageSeeds:
@@ -255,28 +273,6 @@ class ImageSeeds:
 
     def __iter__(self):
         return ((index, (self.seed, self.sampler.epoch, index)) for index in self.sampler)
-
-
-def random_resized_crop_flip(images, size, mean, std, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop + horizontal flip + normalisation with mean and std ((1, 3, 1, 1) tensors on the images'
-    device) for a whole uint8 batch (B, 3, H, W) on its device: per image a box of area scale*H*W and log-uniform
-    aspect ratio at a uniform position, flipped with probability 1/2, resampled bicubically through one affine grid.
-    Unlike torchvision, which re-draws a box that does not fit, a box is clamped to the image. Nothing here waits for
-    the device: no value comes back to the host and no tensor is made from host data."""
-    B, _, H, W = images.shape
-    device = images.device
-    area = H * W * torch.empty(B, device=device).uniform_(*scale)
-    aspect = torch.empty(B, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    w, h = (area * aspect).sqrt().clamp(max=W), (area / aspect).sqrt().clamp(max=H)
-    cx = w / 2 + torch.rand(B, device=device) * (W - w)
-    cy = h / 2 + torch.rand(B, device=device) * (H - h)
-    flip = torch.where(torch.rand(B, device=device) < 0.5, -1.0, 1.0)
-    zero = torch.zeros(B, device=device)
-    theta = torch.stack([torch.stack([w / W * flip, zero, 2 * cx / W - 1], dim=1),  # output -> input coordinates
-                         torch.stack([zero, h / H, 2 * cy / H - 1], dim=1)], dim=1)
-    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
-    out = F.grid_sample(images.float() / 255, grid, mode='bicubic', padding_mode='border', align_corners=False)
-    return (out.clamp(0, 1) - mean) / std
 
 
 class GpuDataImages:
@@ -306,7 +302,8 @@ class GpuDataImages:
         return (self.batch(ids[start:start + self.batch_size]) for start in starts)
 
     def batch(self, ids):
-        return random_resized_crop_flip(self.images[ids], self.img_size, self.mean, self.std), self.labels[ids]
+        images = device_augment.random_resized_crop_flip(self.images[ids], self.img_size, self.mean, self.std)
+        return images, self.labels[ids]
 
 
 def build_dataset(args, split, transform, folder_class=None):

@@ -96,6 +96,35 @@ def check_device(name):
         fail(f'--device {name}: this script runs on cpu or cuda')
 
 
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')  # torch.compile's
+GRAPHED_MODES = ('reduce-overhead', 'max-autotune')  # the modes that replay the step as CUDA graphs
+
+
+def check_compile(args):
+    """--compile MODE against the device and the step. CUDA graphs replay a recorded step with one launch, and need a
+    GPU; they reuse their outputs' memory, gradients included, and summed micro-batches' gradients wrongly
+    (pytorch/pytorch#169545, open in torch 2.11); under DDP's gradient hooks they are not verified here."""
+    if args.compile not in GRAPHED_MODES:
+        return
+    if torch.device(args.device).type != 'cuda':
+        fail(f'--compile {args.compile} replays the step as CUDA graphs, which need a GPU: on {args.device}, use '
+             f'--compile')
+    if args.accum_iter > 1:
+        fail(f'--compile {args.compile} with --accum_iter {args.accum_iter}: CUDA graphs overwrite the gradients that '
+             f'accumulate over micro-batches (pytorch/pytorch#169545); use --compile, or a larger --batch_size')
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        fail(f'--compile {args.compile}: CUDA graphs under DDP are not verified here; use --compile with torchrun')
+
+
+def check_pipelines(args):
+    """train.py's three input pipelines: one at a time, each on the data it reads."""
+    if args.decode_on_device and args.gpu_data:
+        fail('--decode_on_device and --gpu_data: choose one (--gpu_data for data sets that fit on the device, '
+             '--decode_on_device for image folders that do not)')
+    if args.decode_on_device and args.data in ('cifar10', 'cifar100'):
+        fail(f'--decode_on_device reads image files, and {args.data} is a tensor data set: use --gpu_data')
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # What a rerun may change
 

@@ -140,6 +140,7 @@ def cases(w):
         ['--method', 'mrmcmae', '--teacher', str(w['mcmae']), '--focused_mimic'],  # no [CLS] attention to follow
         ['--method', 'dbot', '--stages', '1', '--teacher', str(w['finetune'])],  # a classifier, without its norm
         ['--method', 'mrmae', '--teacher', str(w['finetune'])],
+        ['--compile', 'bogus'], ['--compile', 'reduce-overhead'], ['--compile', 'max-autotune'],  # graphs: GPUs only
     ]
     for i, extra in enumerate(bad_pretrain_flags):
         out.append(('train', pre('--output_dir', str(r / f'p{i}'), *extra), 'refused'))

@@ -45,6 +45,29 @@ def test_bench_data_only_per_pipeline(image_folder):
     assert all(row['img_per_s'] > 0 for row in rows.values())
     assert all(rows[f'loader:{name}']['worker_ms_per_image'] > 0 for name in ('workers', 'decode_on_device'))
     assert rows['loader:gpu_data']['worker_ms_per_image'] is None  # decoded once, before the clock
+    costs = rows['loader:decode_on_device']['main_process_per_batch']
+    assert costs['images'] == 4 and all(costs[name]['host_ms'] > 0 and costs[name]['kernels'] is None  # CPU
+                                        for name in ('one_by_one', 'batched'))
+
+
+def test_the_batched_device_side_calls_a_fixed_number_of_operators_per_batch(image_folder):
+    """Per batch, --decode_on_device's main process calls as many operators for 8 images as for 4, but for the
+    decoder's (on the CPU torchvision decodes a list in a loop; on a GPU in one call); image by image, about ten more
+    per image, and a hundred Python calls more. Counted by torch's profiler, as bench.py reports them."""
+    import bench
+    import data
+    import torch
+    costs = {}
+    for batch_size in (4, 8):
+        args = bench.get_args_parser().parse_args(['--device', 'cpu', '--data', str(image_folder), '--data_only',
+                                                   '--decode_on_device', '--img_size', '32', '--num_workers', '0',
+                                                   '--batch_size', str(batch_size)])
+        images = data.build_training_images(args, rank=0, world_size=1, device=torch.device('cpu'))
+        costs[batch_size] = bench.main_process_per_batch(images, torch.device('cpu'))
+    assert costs[8]['batched']['ops'] - costs[4]['batched']['ops'] == 4  # the CPU decoder's one call per image
+    assert costs[8]['one_by_one']['ops'] - costs[4]['one_by_one']['ops'] >= 4 * 8
+    assert costs[8]['one_by_one']['python_calls'] - costs[4]['one_by_one']['python_calls'] > 4 * 80
+    assert costs[8]['batched']['python_calls'] - costs[4]['batched']['python_calls'] < 4 * 30
 
 
 def test_bench_leaves_tmp_as_it_found_it_and_skips_a_peer_whose_package_is_missing(tmp_path):

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune
+import flags
 import flops
 import mae
 import mrmae
@@ -95,6 +96,28 @@ def test_compiled_training_under_bf16_runs_and_a_stage_switch_does_not_recompile
     finally:
         torch.compiler.set_stance('default')
     assert len(steps) > 1 and all(torch.isfinite(torch.tensor(row['loss'])) for row in rows)
+
+
+def test_cuda_graph_steps_are_refused_where_they_would_fail_or_sum_gradients_wrongly(monkeypatch):
+    """--compile reduce-overhead / max-autotune replay CUDA graphs: a GPU only, one micro-batch per step (graphs
+    overwrite the gradients being accumulated, pytorch/pytorch#169545), one process; --compile alone is the default
+    mode and max-autotune-no-cudagraphs records no graph."""
+    parse = train.get_args_parser().parse_args
+    assert parse(['--compile']).compile == 'default' and parse([]).compile is None
+    for mode, extra, refusal in [('reduce-overhead', ['--device', 'cpu'], 'need a GPU'),
+                                 ('max-autotune', ['--device', 'cpu'], 'need a GPU'),
+                                 ('reduce-overhead', ['--accum_iter', '2'], 'pytorch/pytorch#169545')]:
+        args = parse(['--compile', mode, *extra])
+        args.device = 'cuda' if '--device' not in extra else args.device  # the device check itself comes first
+        with pytest.raises(SystemExit, match=refusal):
+            flags.check_compile(args)
+    args = parse(['--compile', 'reduce-overhead'])
+    args.device = 'cuda'
+    flags.check_compile(args)  # one process, one micro-batch, a GPU: accepted
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit, match='DDP'):
+        flags.check_compile(args)
+    flags.check_compile(parse(['--compile', 'max-autotune-no-cudagraphs', '--device', 'cpu']))
 
 
 def test_precision_defaults_to_bf16_on_cuda_and_fp32_on_cpu():

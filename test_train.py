@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import data
+import device_augment
 import runtime
 import train
 from conftest import make_image_folder
@@ -127,16 +128,16 @@ def test_device_augmentation_is_a_crop_and_flip_of_the_image():
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     normalised = (imgs / 255 - mean) / std
     # the whole image: kept or flipped
-    out = data.random_resized_crop_flip(imgs, 16, mean, std, scale=(1, 1), ratio=(1, 1))
+    out = device_augment.random_resized_crop_flip(imgs, 16, mean, std, scale=(1, 1), ratio=(1, 1))
     kept = (out - normalised).flatten(1).abs().amax(dim=1) < 1e-4
     flipped = (out - normalised.flip(-1)).flatten(1).abs().amax(dim=1) < 1e-4
     assert torch.all(kept | flipped) and 10 < flipped.sum() < 54
-    crops = data.random_resized_crop_flip(imgs, 8, mean, std)
+    crops = device_augment.random_resized_crop_flip(imgs, 8, mean, std)
     assert crops.shape == (64, 3, 8, 8) and crops.min() >= normalised.min() - 1e-4
     torch.manual_seed(1)
-    first = data.random_resized_crop_flip(imgs, 8, mean, std)
+    first = device_augment.random_resized_crop_flip(imgs, 8, mean, std)
     torch.manual_seed(1)
-    assert torch.equal(first, data.random_resized_crop_flip(imgs, 8, mean, std))
+    assert torch.equal(first, device_augment.random_resized_crop_flip(imgs, 8, mean, std))
 
 
 def test_gpu_data_path_trains_on_any_device(image_folder, tmp_path):
@@ -249,7 +250,7 @@ def test_device_decoding_draws_the_worker_pipelines_boxes(tmp_path):
             continue
         image = device_side.decode_one(data_bytes, index)
         assert box == data.crop_box(image, seeds), path  # from the header: what the decoded image gives
-        got = device_side.augment(image, box, seeds).float()
+        got = device_augment.resized_crops_one_by_one([image], [box], 32)[0].float()
         assert (got - workers[index, seeds][0].float()).abs().mean() < 3, path
 
 
@@ -270,7 +271,9 @@ def test_device_decoding_ships_a_batch_as_one_flat_tensor_and_gives_each_image_i
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
     for i in indices:
         source = i + 1 if i == corrupt else i  # the stand-in: the next readable image, with its own box
-        expected = device_side.augment(device_side.decode_one(items[source][0], source), boxes[source], seeds[source])
+        image = device_side.decode_one(items[source][0], source)
+        box = boxes[source] if boxes[source] != data.NO_BOX else data.crop_box(image, seeds[source])
+        expected = device_augment.resized_crops_one_by_one([image], [box], 32)[0]
         assert torch.allclose(imgs[i], (expected.float() / 255 - mean) / std) and got_labels[i] == labels[source]
     assert int(files.unreadable.sum()) == 1
 

@@ -115,7 +115,9 @@ def get_args_parser():
     group.add_argument('--device', type=flags.text, default='cuda' if torch.cuda.is_available() else 'cpu')
     group.add_argument('--precision', default=None, choices=['bf16', 'fp32'],
                        help='bf16 autocast or plain fp32 (default: bf16 on CUDA, fp32 on CPU)')
-    group.add_argument('--compile', action='store_true', help='torch.compile the model')
+    group.add_argument('--compile', nargs='?', const='default', default=None, choices=flags.COMPILE_MODES,
+                       help='torch.compile the model; reduce-overhead: as CUDA graphs (GPUs: small models whose steps '
+                       'are launch-bound)')
     group.add_argument('--output_dir', type=flags.text, default='./output')
     group.add_argument('--resume', type=flags.text, default=None, help='checkpoint to resume from '
                        '(default: OUTPUT_DIR/checkpoint-last.pth when it exists)')
@@ -379,7 +381,7 @@ def set_up(args):
     # Training FLOPs per image, for MFU against the card's measured peak (counted again when a stage ends)
     run.peak_flops = flops.measured_peak_flops(run.device) if run.device.type == 'cuda' else None
     run.flops = flops_per_image(run.raw_model, run.teacher, args, run.device)
-    run.model = torch.compile(run.raw_model) if args.compile else run.raw_model
+    run.model = torch.compile(run.raw_model, mode=args.compile) if args.compile else run.raw_model
     if run.world_size > 1:
         run.model = DDP(run.model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
 
@@ -557,12 +559,9 @@ def validate_args(args):
     if args.decoder_dim % args.decoder_heads or args.decoder_dim % 4:
         runtime.fail(f'--decoder_dim {args.decoder_dim} must be divisible by --decoder_heads {args.decoder_heads} and '
                      f'by 4 (its sin-cos position code)')
-    if args.decode_on_device and args.gpu_data:
-        runtime.fail('--decode_on_device and --gpu_data: choose one (--gpu_data for data sets that fit on the device, '
-                     '--decode_on_device for image folders that do not)')
-    if args.decode_on_device and args.data in ('cifar10', 'cifar100'):
-        runtime.fail(f'--decode_on_device reads image files, and {args.data} is a tensor data set: use --gpu_data')
+    flags.check_pipelines(args)
     flags.check_device(args.device)
+    flags.check_compile(args)
     depth = mae.VIT_SIZES[args.model]['depth']
     if args.teacher_depth is not None and args.teacher_depth > depth:
         runtime.fail(f'--teacher_depth {args.teacher_depth}: {args.model} has {depth} blocks to keep (0 to {depth})')

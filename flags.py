@@ -102,8 +102,9 @@ GRAPHED_MODES = ('reduce-overhead', 'max-autotune')  # the modes that replay the
 
 def check_compile(args):
     """--compile MODE against the device and the step. CUDA graphs replay a recorded step with one launch, and need a
-    GPU; they reuse their outputs' memory, gradients included, and summed micro-batches' gradients wrongly
-    (pytorch/pytorch#169545, open in torch 2.11); under DDP's gradient hooks they are not verified here."""
+    GPU; they reuse their outputs' memory, gradients included, which breaks gradients summed over micro-batches
+    (pytorch/pytorch#169545; #96693 reports a silently wrong sum); under DDP's gradient hooks they are not verified
+    here."""
     if args.compile not in GRAPHED_MODES:
         return
     if torch.device(args.device).type != 'cuda':

@@ -177,8 +177,9 @@ class ImageFileBytes(ImageFolderSkippingBroken):
 
 def crop_box(image, seeds):
     """pretrain_transform's RandomResizedCrop and flip draws for this image under its seeds: (top, left, height,
-    width, flip). `image`: a PIL image (its header suffices) or a decoded tensor of the same size."""
-    with runtime.seeded(*seeds):
+    width, flip). `image`: a PIL image (its header suffices) or a decoded tensor of the same size. Both draws come
+    from torch's stream, as in pretrain_transform."""
+    with runtime.seeded(*seeds, torch_only=True):
         top, left, height, width = transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
         flip = torch.rand(1) < 0.5
     return top, left, height, width, int(flip)

@@ -309,3 +309,8 @@ def test_an_images_seeds_reach_the_host_streams_only(monkeypatch):
     monkeypatch.undo()
     runtime.seed_everything(0, 1, 2)
     assert torch.equal(inside[0], torch.rand(3)) and (inside[1], inside[2]) == (np.random.rand(), random.random())
+    np.random.seed(7)
+    random.seed(7)
+    with runtime.seeded(0, 1, 2, torch_only=True):  # the crop boxes of --decode_on_device: torch's draws, the same
+        assert torch.equal(inside[0], torch.rand(3))
+    assert (np.random.rand(), random.random()) == (np.random.RandomState(7).rand(), random.Random(7).random())

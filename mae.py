@@ -76,7 +76,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        # Unbinding q, k, v along the token-major layout the linear writes, then transposing each to (B, heads, N,
+        # C/heads), lets backward stack their gradients straight into that layout: one copy. Permuting heads first
+        # (timm's order) costs a second full copy of the qkv gradient per block; the values are identical.
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).unbind(2))
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads), flash/efficient kernels on GPU
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 

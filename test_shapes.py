@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from mae import MAE, VIT_SIZES, ViT, encoder_state_dict, sincos_pos_embed
+from mae import MAE, VIT_SIZES, Attention, ViT, encoder_state_dict, sincos_pos_embed
 
 
 def tiny_mae(**kwargs):
@@ -104,6 +104,17 @@ def test_encoder_equals_timm_vision_transformer(timm_name, img_size, patch_size)
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(imgs), reference.forward_features(imgs),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_attention_backward_copies_the_qkv_gradient_once():
+    """q, k and v's gradients are stacked straight into the layout the qkv linear wrote: one copy per block (a
+    head-first permute before unbinding, timm's order, adds a clone of the whole qkv gradient)."""
+    attention, x = Attention(64, 4), torch.randn(2, 5, 64, requires_grad=True)
+    out = attention(x)
+    with torch.profiler.profile() as profile:
+        out.backward(torch.randn_like(out))  # not .sum(): its expanded gradient makes the projection's mm clone it
+    names = [event.name for event in profile.events()]
+    assert names.count('aten::stack') == 1 and 'aten::clone' not in names
 
 
 def test_parameter_names_follow_official_mae_layout():

@@ -109,6 +109,7 @@ def bench_method(method, args, device, peak_flops, teacher_flag=None):
     seconds = seconds_per_step(step, device, args.warmup_steps, args.steps)
     teacher_seconds = seconds_per_step(teacher_forward, device, 1, args.steps) if teacher is not None else 0
     img_per_s = args.batch_size / seconds
+    profile = dict(profile=step_profile(step, device, args.profile)) if args.profile else {}
     return dict(method=method, model=args.model, img_size=args.img_size, patch_size=args.patch_size,
                 device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
                 batch_size=args.batch_size, precision=args.precision, compile=args.compile,
@@ -116,7 +117,25 @@ def bench_method(method, args, device, peak_flops, teacher_flag=None):
                 teacher_ms=round(teacher_seconds * 1e3, 2),
                 gflops_per_img=round(flops / 1e9, 3),
                 peak_mem_mb=round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == 'cuda' else None,
-                mfu=round(flops * img_per_s / peak_flops, 4) if peak_flops else None)
+                mfu=round(flops * img_per_s / peak_flops, 4) if peak_flops else None, **profile)
+
+
+def step_profile(step, device, top):
+    """One more step under torch's profiler: the kernels it launched on a GPU (what CUDA graphs replay in a few
+    launches), and the `top` operators by the time their own kernels took on the GPU (on a CPU: their own host
+    time), to compare two models' steps operator by operator."""
+    on_gpu = device.type == 'cuda'
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                [torch.profiler.ProfilerActivity.CUDA] * on_gpu) as profile:
+        step()
+        synchronize(device)
+    own_us = (lambda op: op.self_device_time_total) if on_gpu else (lambda op: op.self_cpu_time_total)
+    operators = [op for op in profile.key_averages() if op.key.startswith('aten::')]
+    return dict(kernels=sum(e.device_type == torch.autograd.DeviceType.CUDA for e in profile.events())
+                if on_gpu else None,
+                operators=sum(op.count for op in operators),
+                top=[dict(name=op.key, calls=op.count, ms=round(own_us(op) / 1e3, 3))
+                     for op in sorted(operators, key=own_us, reverse=True)[:top]])
 
 
 def worker_ms_per_image(dataset, count=1000):
@@ -249,6 +268,9 @@ def get_args_parser():
                         help='timed steps (or loader batches), after the warm-up, with one synchronize at the end')
     parser.add_argument('--warmup_steps', default=3, type=flags.AMOUNT)
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
+    parser.add_argument('--profile', default=0, type=flags.AMOUNT, metavar='N',
+                        help="after the timed steps, profile one more: its kernel count (GPU), its operators, and "
+                             "the N that took the most time (GPU kernels' time; on a CPU, host time)")
     parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')
     parser.add_argument('--suite', default=None, choices=sorted(SUITES),
                         help='gpu: the whole GPU table of docs/performance.md in one call (every method at ViT-B/16 '
@@ -332,6 +354,13 @@ def report(results, args, name=None):
     print(' | '.join(columns))
     for result in results:
         print(' | '.join(str(result.get(c, '')) for c in columns), flush=True)
+        if 'profile' in result:
+            profile = result['profile']
+            kernels = f', {profile["kernels"]} kernels' if profile['kernels'] is not None else ''
+            print(f'  one step: {profile["operators"]} operators{kernels}; the most '
+                  f'{"GPU" if kernels else "host"} time:', flush=True)
+            for op in profile['top']:
+                print(f'    {op["name"]}: {op["ms"]} ms, {op["calls"]} calls', flush=True)
         if 'main_process_per_batch' in result:
             costs = result['main_process_per_batch']
             print(f'  main process per batch of {costs["images"]}: ' + '; '.join(

@@ -15,7 +15,8 @@ def test_bench_json_on_cpu(image_folder):
     result = subprocess.run(
         [sys.executable, 'bench.py', '--device', 'cpu', '--json', '--methods', 'mae,mrmae,dbot', '--batch_size', '2',
          '--steps', '1', '--warmup_steps', '0', '--clip_model', 'ViT-S-16', '--dino_model',
-         'vit_small_patch16_224.dino', '--data', str(image_folder), '--num_workers', '0', '--precision', 'bf16'],
+         'vit_small_patch16_224.dino', '--data', str(image_folder), '--num_workers', '0', '--precision', 'bf16',
+         '--profile', '2'],
         cwd=Path(__file__).parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
@@ -27,6 +28,12 @@ def test_bench_json_on_cpu(image_folder):
     assert rows[1]['gflops_per_img'] > rows[2]['gflops_per_img'] > rows[0]['gflops_per_img']  # teachers cost FLOPs
     assert rows[1]['teacher_ms'] > 0 and rows[0]['teacher_ms'] == 0
     assert rows[3]['img_per_s'] > 0 and rows[3]['worker_ms_per_image'] > 0
+    for row in rows[:3]:  # --profile 2: one more step's operators, the two slowest first (no kernels on a CPU)
+        top = row['profile']['top']
+        assert len(top) == 2 and top[0]['ms'] >= top[1]['ms'] > 0 and row['profile']['kernels'] is None
+    operators = [row['profile']['operators'] for row in rows[:3]]
+    assert operators[1] > operators[2] > operators[0]  # two teachers, then one, then none
+    assert 'profile' not in rows[3]
 
 
 def test_bench_data_only_per_pipeline(image_folder):

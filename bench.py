@@ -287,6 +287,8 @@ def check_args(args, parser):
             runtime.fail(f'--{flag}: bench.py does not use it (it times single steps on fixed images)')
     if args.data_only and args.data is None:
         runtime.fail('--data_only measures the input pipeline of --data FOLDER: give --data')
+    if args.data_only and args.profile:
+        runtime.fail('--profile profiles a training step, and --data_only times none: drop one of them')
     if args.suite:
         chosen = [flag for flag in sorted(TRAIN_FLAGS_USED - SUITE_FLAGS_FREE) if getattr(args, flag) !=
                   parser.get_default(flag)] + ['methods'] * (args.methods is not None) + ['data_only'] * args.data_only

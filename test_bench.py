@@ -101,7 +101,8 @@ def test_bench_leaves_tmp_as_it_found_it_and_skips_a_peer_whose_package_is_missi
 @pytest.mark.parametrize('argv', [['--methods', 'foo'], ['--methods', 'mae,,dbot'], ['--steps', '0'],
                                   ['--warmup_steps', '-1'], ['--data_only'], ['--epochs', '5'], ['--resume', 'x.pth'],
                                   ['--suite', 'gpu'], ['--suite', 'gpu', '--model', 'vit_small'],
-                                  ['--suite', 'gpu', '--methods', 'mae']])
+                                  ['--suite', 'gpu', '--methods', 'mae'], ['--profile', '-1'],
+                                  ['--data', '.', '--data_only', '--profile', '3']])
 def test_bench_refuses_flags_it_cannot_honour_in_one_line(argv, monkeypatch):
     import bench
     monkeypatch.setattr(sys, 'argv', ['bench.py', '--device', 'cpu', *argv])

@@ -125,8 +125,7 @@ def step_profile(step, device, top):
     launches), and the `top` operators by the time their own kernels took on the GPU (on a CPU: their own host
     time), to compare two models' steps operator by operator."""
     on_gpu = device.type == 'cuda'
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
-                                [torch.profiler.ProfilerActivity.CUDA] * on_gpu) as profile:
+    with profiler(device) as profile:
         step()
         synchronize(device)
     own_us = (lambda op: op.self_device_time_total) if on_gpu else (lambda op: op.self_cpu_time_total)
@@ -195,9 +194,7 @@ def main_process_per_batch(images, device):
             decoded_on_device.batch(*raw)
         finally:
             sys.setprofile(None)
-        activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (
-            device.type == 'cuda')
-        with torch.profiler.profile(activities=activities) as profile:
+        with profiler(device) as profile:
             decoded_on_device.batch(*raw)
             synchronize(device)
         events = profile.events()
@@ -207,6 +204,16 @@ def main_process_per_batch(images, device):
                            if device.type == 'cuda' else None)
     decoded_on_device.batched = device.type != 'cpu'
     return dict(images=len(raw[1]), **costs)
+
+
+def profiler(device):
+    """torch's profiler, recording the device's kernels on a GPU. On a CPU, kineto's C++ logger is silenced unless
+    KINETO_LOG_LEVEL says otherwise: it prints start and stop markers there, and on CUDA builds a failed GPU count."""
+    if device.type == 'cuda':
+        return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA])
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')  # read when a profile starts
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
 
 def is_within_op(event):  # an operator (aten::, or torchvision's image::) called by another, not from Python

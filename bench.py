@@ -121,17 +121,18 @@ def bench_method(method, args, device, peak_flops, teacher_flag=None):
 
 
 def step_profile(step, device, top):
-    """One more step under torch's profiler: the kernels it launched on a GPU (what CUDA graphs replay in a few
-    launches), and the `top` operators by the time their own kernels took on the GPU (on a CPU: their own host
-    time), to compare two models' steps operator by operator."""
+    """One more step under torch's profiler: on a GPU, the kernels that ran and the launches the host made (CUDA
+    runtime calls: a CUDA graph runs many kernels per launch); and the `top` operators by the time their own kernels
+    took on the GPU (on a CPU: their own host time), to compare two models' steps operator by operator."""
     on_gpu = device.type == 'cuda'
     with profiler(device) as profile:
         step()
         synchronize(device)
     own_us = (lambda op: op.self_device_time_total) if on_gpu else (lambda op: op.self_cpu_time_total)
     operators = [op for op in profile.key_averages() if op.key.startswith('aten::')]
-    return dict(kernels=sum(e.device_type == torch.autograd.DeviceType.CUDA for e in profile.events())
-                if on_gpu else None,
+    events = profile.events()
+    return dict(kernels=sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events) if on_gpu else None,
+                launches=sum(e.name.startswith('cu') and 'Launch' in e.name for e in events) if on_gpu else None,
                 operators=sum(op.count for op in operators),
                 top=[dict(name=op.key, calls=op.count, ms=round(own_us(op) / 1e3, 3))
                      for op in sorted(operators, key=own_us, reverse=True)[:top]])
@@ -277,8 +278,8 @@ def get_args_parser():
     parser.add_argument('--warmup_steps', default=3, type=flags.AMOUNT)
     parser.add_argument('--json', action='store_true', help='one JSON object per line')
     parser.add_argument('--profile', default=0, type=flags.AMOUNT, metavar='N',
-                        help="after the timed steps, profile one more: its kernel count (GPU), its operators, and "
-                             "the N that took the most time (GPU kernels' time; on a CPU, host time)")
+                        help="after the timed steps, profile one more: its kernels and launches (GPU), its "
+                             "operators, and the N that took the most time (GPU kernels' time; on a CPU, host time)")
     parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')
     parser.add_argument('--suite', default=None, choices=sorted(SUITES),
                         help='gpu: the whole GPU table of docs/performance.md in one call (every method at ViT-B/16 '
@@ -366,7 +367,8 @@ def report(results, args, name=None):
         print(' | '.join(str(result.get(c, '')) for c in columns), flush=True)
         if 'profile' in result:
             profile = result['profile']
-            kernels = f', {profile["kernels"]} kernels' if profile['kernels'] is not None else ''
+            kernels = (f', {profile["kernels"]} kernels, {profile["launches"]} launches'
+                       if profile['kernels'] is not None else '')
             print(f'  one step: {profile["operators"]} operators{kernels}; the most '
                   f'{"GPU" if kernels else "host"} time:', flush=True)
             for op in profile['top']:

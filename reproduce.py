@@ -297,20 +297,41 @@ def plan(args, budget, results, work):
     return runs
 
 
-def curve_plan(args, budget, curve, work):
-    """The learning curve: MAE and dBOT (its stages share the schedule) pre-trained for one longer schedule that keeps
-    the checkpoints at the points of the curve, each then evaluated frozen. A point before the schedule's end is not a
-    shorter run: its lr has not decayed yet."""
+def curve_rows(args, results, epochs):
+    """The curve's pre-trainings: (record name, method, seed, extra train.py flags, what the chart calls it). The
+    teacher of the students is MAE's encoder at the schedule's end (an fp16 file, as the table's teachers), the only
+    encoder here that learned something (no CLIP or DINO weights on these machines). A row needing more stages than
+    the schedule has epochs is left out (the smoke budget's two epochs hold no three stages)."""
+    teacher = str(results / 'encoders' / f'mae-e{epochs}-encoder-fp16.pth')
+    thirds = [epochs // 3 + (i < epochs % 3) for i in range(3)]  # 8 -> 3, 3, 2: the detection/segmentation setting
+    rows = [('mae', 'mae', args.seed, [], 'mae'),
+            ('dbot', 'dbot', args.seed, [], 'dbot, random teacher, 2 stages'),
+            ('dbot-mae-teacher', 'dbot', args.seed, ['--teacher', teacher, '--stages', '1'],
+             f'dbot, MAE-{epochs} teacher, 1 stage'),
+            ('mrmae-mae-teacher', 'mrmae', args.seed, ['--teacher', teacher], f'mrmae, MAE-{epochs} teacher'),
+            ('dbot-mae-teacher-2stages', 'dbot', args.seed, ['--teacher', teacher, '--stages', '2'],
+             f'dbot, MAE-{epochs} teacher, 2 stages'),
+            (f'mae-seed{args.seed + 1}', 'mae', args.seed + 1, [], f'mae, seed {args.seed + 1}'),
+            ('dbot-3stages', 'dbot', args.seed, ['--stage_epochs', ','.join(map(str, thirds))],
+             'dbot, random teacher, 3 stages')]
+    return [row for row in rows if '--stage_epochs' not in row[3] or min(thirds) > 0]
+
+
+def curve_plan(args, budget, results, work):
+    """The learning curve: every row pre-trained for one longer schedule that keeps the checkpoints at the points of
+    the curve, each then evaluated frozen. A point before the schedule's end is not a shorter run: its lr has not
+    decayed yet. MAE comes first: its encoder is the students' teacher."""
     epochs, points = budget['curve']
-    runs = []
-    for method in ('mae', 'dbot'):
-        name, out = f'{method}-e{epochs}', work / 'curve' / f'{method}-e{epochs}'
+    curve, runs = results / 'curve', []
+    for row, method, seed, extra, _ in curve_rows(args, results, epochs):
+        name, out = f'{row}-e{epochs}', work / 'curve' / f'{row}-e{epochs}'
+        after = [keep_log_and_figure(curve)] + [keep_teacher_encoder(results)] * (row == 'mae')
         runs.append(Invocation(name, train, pretrain_flags(args, budget, epochs) + [
-            '--method', method, '--seed', str(args.seed), '--save_epochs', ','.join(map(str, points)), '--output_dir',
-            str(out)], pretrain_summary(epochs), [keep_log_and_figure(curve)]))
+            '--method', method, '--seed', str(seed), *extra, '--save_epochs', ','.join(map(str, points)),
+            '--output_dir', str(out)], pretrain_summary(epochs), after))
         for point in points:
             runs.append(frozen_run(f'{name}-epoch{point}-frozen', args, budget,
-                                   ['--checkpoint', str(out / f'checkpoint-epoch{point}.pth')], args.seed,
+                                   ['--checkpoint', str(out / f'checkpoint-epoch{point}.pth')], seed,
                                    work / 'curve' / f'{name}-epoch{point}-frozen', frozen_at(method, point)))
     return runs
 
@@ -471,16 +492,32 @@ def random_init_band(records, seed):
         if all(pair) else None
 
 
-def curve_table(records, epochs, band):
-    lines = [f'| method | epochs seen (of a {epochs}-epoch schedule) | k-NN top-1 | linear top-1 |',
-             '|---|---|---|---|']
+def curve_teacher(records, epochs):
+    """The students' teacher's own frozen top-1s (MAE's encoder at the schedule's end), or None before it exists."""
+    return records.get(f'mae-e{epochs}-epoch{epochs}-frozen')
+
+
+def curve_points(records, labels):
+    """The curve's frozen evaluations by row, in the order of the plan: {row label: [records by epochs seen]}."""
+    points = {}
+    for name, label in labels.items():
+        of_row = [r for r in records.values() if 'pretrain_epochs' in r and r['run'].rsplit('-epoch', 1)[0] == name]
+        if of_row:
+            points[label] = sorted(of_row, key=lambda r: r['pretrain_epochs'])
+    return points
+
+
+def curve_table(records, labels, epochs, band):
+    lines = [f'| row | epochs seen (of a {epochs}-epoch schedule) | k-NN top-1 | linear top-1 |', '|---|---|---|---|']
     if band:
         lines.append('| random-init (seeds 0 and 1) | 0 | ' + ' | '.join(
             f'{low:.1f} to {high:.1f}' for low, high in band.values()) + ' |')
-    for record in sorted((r for r in records.values() if 'pretrain_epochs' in r),
-                         key=lambda r: (r['method'], r['pretrain_epochs'])):
-        lines.append(f'| {record["method"]} | {record["pretrain_epochs"]} | {record["knn_acc1"]:.1f} | '
-                     f'{record["linear_acc1"]:.1f} |')
+    teacher = curve_teacher(records, epochs)
+    if teacher:
+        lines.append(f'| the students\' teacher (MAE-{epochs}\'s encoder) | {epochs} | {teacher["knn_acc1"]:.1f} | '
+                     f'{teacher["linear_acc1"]:.1f} |')
+    for label, row in curve_points(records, labels).items():
+        lines += [f'| {label} | {r["pretrain_epochs"]} | {r["knn_acc1"]:.1f} | {r["linear_acc1"]:.1f} |' for r in row]
     pretraining = [r for r in records.values() if 'final_loss' in r]
     lines += ['', '| pre-training | epochs | minutes | img/s | final loss |', '|---|---|---|---|---|']
     lines += [f'| {r["run"]} | {r["epochs"]} | {r["seconds"] / 60:.0f} | {r["img_per_s"]:.0f} | {r["final_loss"]:.3f} |'
@@ -488,32 +525,37 @@ def curve_table(records, epochs, band):
     return '\n'.join(lines) + '\n'
 
 
-def curve_chart(records, epochs, band, path):
-    """Top-1 against the epochs seen, one line per method, one panel per evaluation; the random-init band across."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, (key, label) in zip(axes, (('knn_acc1', 'k-NN (k = 20)'), ('linear_acc1', 'linear on frozen features'))):
+def curve_chart(records, labels, epochs, band, path):
+    """Top-1 against the epochs seen, one line per row, one panel per evaluation; the random-init band across, and
+    the teacher's own top-1 as a dashed line, so that each student is read as above, at or below its teacher."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    teacher = curve_teacher(records, epochs)
+    for ax, (key, title) in zip(axes, (('knn_acc1', 'k-NN (k = 20)'), ('linear_acc1', 'linear on frozen features'))):
         if band:
             ax.axhspan(*band[key], color='grey', alpha=0.3, label='random-init, seeds 0 and 1')
-        for i, method in enumerate(sorted({r['method'] for r in records.values() if 'pretrain_epochs' in r})):
-            points = sorted((r['pretrain_epochs'], r[key]) for r in records.values() if r.get('method') == method)
-            ax.plot(*zip(*points), marker='o', color=f'C{i}', label=method)
+        if teacher:
+            ax.axhline(teacher[key], color='black', linestyle='--', linewidth=1,
+                       label=f'the students\' teacher (MAE-{epochs})')
+        for i, (label, row) in enumerate(curve_points(records, labels).items()):
+            ax.plot([r['pretrain_epochs'] for r in row], [r[key] for r in row], marker='o', color=f'C{i}', label=label)
         ax.set_xlim(0, epochs + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f'epochs seen in a {epochs}-epoch schedule')
         ax.set_ylabel('top-1 on the validation images (%)')
-        ax.set_title(label)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_title(title)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc='lower center', ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))  # the shared legend below the panels, not over the curves
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def write_curve_report(args, budget, results, curve):
     records, epochs = read_records(curve / 'runs'), budget['curve'][0]
+    labels = {f'{row}-e{epochs}': label for row, _, _, _, label in curve_rows(args, results, epochs)}
     band = random_init_band(read_records(results / 'runs'), args.seed)
-    text = curve_table(records, epochs, band) + '\n' + machines(records)
+    text = curve_table(records, labels, epochs, band) + '\n' + machines(records)
     (curve / 'curve.md').write_text(text)
-    curve_chart(records, epochs, band, curve / 'curve.png')
+    curve_chart(records, labels, epochs, band, curve / 'curve.png')
     print(f'from the {len(records)} records in {curve / "runs"}:\n{text}')
 
 
@@ -556,9 +598,10 @@ def reproduce(args):
     base = curve if args.curve else results
     data = data_fingerprint(args.data)
     check_records_are_of(data, results / 'runs', curve / 'runs')
-    for folder in ('runs', 'logs', 'figures') + ('encoders',) * (not args.curve):
+    for folder in ('runs', 'logs', 'figures'):
         (base / folder).mkdir(parents=True, exist_ok=True)
-    runs = curve_plan(args, budget, curve, work) if args.curve else plan(args, budget, results, work)
+    (results / 'encoders').mkdir(exist_ok=True)  # the teachers: the table's MR rows', the curve's students'
+    runs = curve_plan(args, budget, results, work) if args.curve else plan(args, budget, results, work)
     (base / 'commands.txt').write_text(''.join(run.command() + '\n' for run in runs))
     with time_limit(args.max_minutes) as out_of_time:
         for run in runs:

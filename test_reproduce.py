@@ -78,17 +78,37 @@ def test_learning_curve_keeps_checkpoints_along_one_schedule_and_evaluates_each(
     curve = tmp_path / 'results' / 'curve'
     epochs, points = reproduce.BUDGETS['smoke']['curve']
     records = reproduce.read_records(curve / 'runs')
-    assert set(records) == {f'{m}-e{epochs}' for m in ('mae', 'dbot')} | {
-        f'{m}-e{epochs}-epoch{p}-frozen' for m in ('mae', 'dbot') for p in points}
-    for method in ('mae', 'dbot'):
-        work = tmp_path / 'work' / 'curve' / f'{method}-e{epochs}'
+    # every row of the plan but the three-stage dBOT, which two epochs cannot hold
+    rows = ('mae', 'dbot', 'dbot-mae-teacher', 'mrmae-mae-teacher', 'dbot-mae-teacher-2stages', 'mae-seed1')
+    assert set(records) == {f'{r}-e{epochs}' for r in rows} | {f'{r}-e{epochs}-epoch{p}-frozen' for r in rows
+                                                                 for p in points}
+    for row in ('mae', 'dbot'):
+        work = tmp_path / 'work' / 'curve' / f'{row}-e{epochs}'
         kept = {p: torch.load(work / f'checkpoint-epoch{p}.pth', weights_only=False) for p in points}
         assert [kept[p]['epoch'] for p in points] == list(points)  # each kept after its own epoch, not overwritten
-        assert records[f'{method}-e{epochs}-epoch{points[0]}-frozen']['pretrain_epochs'] == points[0]
-        assert f'checkpoint-epoch{points[0]}.pth' in records[f'{method}-e{epochs}-epoch{points[0]}-frozen']['command']
+        assert records[f'{row}-e{epochs}-epoch{points[0]}-frozen']['pretrain_epochs'] == points[0]
+        assert f'checkpoint-epoch{points[0]}.pth' in records[f'{row}-e{epochs}-epoch{points[0]}-frozen']['command']
     assert not torch.equal(*(kept[p]['model']['cls_token'] for p in points))  # the encoder changed between points
+    # the students learn from MAE's final encoder, kept in fp16 as the table's teachers are
+    teacher = tmp_path / 'results' / 'encoders' / f'mae-e{epochs}-encoder-fp16.pth'
+    mae_final = torch.load(tmp_path / 'work' / 'curve' / f'mae-e{epochs}' / 'checkpoint-last.pth', weights_only=False)
+    assert torch.equal(torch.load(teacher)['cls_token'], mae_final['model']['cls_token'].half())
+    for row, stages in (('dbot-mae-teacher', 1), ('dbot-mae-teacher-2stages', 2), ('mrmae-mae-teacher', 1)):
+        assert f'--teacher {teacher}' in records[f'{row}-e{epochs}']['command']
+        final = torch.load(tmp_path / 'work' / 'curve' / f'{row}-e{epochs}' / 'checkpoint-last.pth', weights_only=False)
+        assert final['stage'] == stages - 1
+    dbot = torch.load(tmp_path / 'work' / 'curve' / f'dbot-mae-teacher-e{epochs}' / 'checkpoint-last.pth',
+                      weights_only=False)
+    assert torch.equal(dbot['teacher']['cls_token'], torch.load(teacher)['cls_token'].float())  # the file, unchanged
+    assert reproduce.curve_rows(args, tmp_path, 8)[-1][3] == ['--stage_epochs', '3,3,2']  # the paper's 3 stages
+    # the table and the chart: a line per row and the teacher's own top-1 as the reference line
     table = (curve / 'curve.md').read_text()
     assert table.count('| mae |') == len(points) and (curve / 'curve.png').stat().st_size > 0
+    own = records[f'mae-e{epochs}-epoch{epochs}-frozen']
+    assert f"| the students' teacher (MAE-{epochs}'s encoder) | {epochs} | {own['knn_acc1']:.1f} |" in table
+    assert reproduce.curve_teacher(records, epochs) == own
+    labels = {f'{r}-e{epochs}': label for r, _, _, _, label in reproduce.curve_rows(args, tmp_path, epochs)}
+    assert len(reproduce.curve_points(records, labels)) == len(rows)
     assert 'random-init' not in table  # no band without the table's random-init records: none invented
 
 

@@ -94,14 +94,14 @@ def test_a_warmup_as_long_as_the_run_is_scaled_down_and_announced(image_folder, 
     assert [row['lr'] for row in rows] == pytest.approx([train.lr_at(3, 4, 0, peak)] * 2)  # not 3/40 of the peak
 
 
-def test_weight_decay_skips_biases_norms_and_tokens():
+def test_weight_decay_as_the_official_pretraining_code_decays_tokens_but_not_biases_or_norms():
     from mae import MAE
     model = MAE(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, decoder_dim=32, decoder_depth=1)
     decay, no_decay = train.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].endswith('weight') and p.ndim >= 2 for p in decay['params'])
-    assert {'cls_token', 'mask_token', 'norm.weight', 'blocks.0.attn.qkv.bias'} <= {names[id(p)] for p in
-                                                                                    no_decay['params']}
+    assert {'cls_token', 'mask_token', 'blocks.0.attn.qkv.weight'} <= {names[id(p)] for p in decay['params']}
+    assert all(p.ndim == 1 for p in no_decay['params'])
+    assert {'norm.weight', 'blocks.0.attn.qkv.bias'} <= {names[id(p)] for p in no_decay['params']}
     assert all(names[id(p)] not in ('pos_embed', 'decoder_pos_embed') for p in decay['params'] + no_decay['params'])
 
 

@@ -289,12 +289,13 @@ def switch_stage(run):
 # The recipe (MAE §A.1): parameter groups, AdamW, warm-up and half-cosine lr
 
 def param_groups(model, weight_decay):
-    """Weight decay on weight matrices and conv kernels only: not on biases, norms or the cls/mask tokens
-    (the official MAE code does decay the tokens; either is fine per the paper)."""
+    """Weight decay on every parameter of two or more dimensions, the cls and mask tokens included; none on biases
+    and norms (1-D). This is the official pre-training code's rule (MAE, dBOT and ConvMAE main_pretrain.py: timm's
+    add_weight_decay with no skip list); fine-tuning exempts the tokens (finetune.py), as the official code does."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or name.endswith('token') else decay).append(param)
+            (no_decay if param.ndim < 2 else decay).append(param)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 

@@ -5,7 +5,6 @@ begins when a run continues, a signal's mid-epoch save with every rank's exact p
 that a restarted run continues where it stopped.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -16,15 +15,7 @@ import torch
 from tqdm import tqdm
 
 import runtime
-
-
-def load_weights_file(path):
-    """A checkpoint or state dict as saved by torch.save (loaded without running pickled code), or a .safetensors
-    file (timm's and the Hugging Face hub's format)."""
-    if Path(path).suffix.lower() == '.safetensors':
-        return safetensors.torch.load_file(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
-        return torch.load(path, map_location='cpu', weights_only=True)
+from teachers import load_weights_file
 
 
 def save_checkpoint(state, path):

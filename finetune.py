@@ -38,17 +38,18 @@ import flags
 import frozen
 import runtime
 import train
-from mae import VIT_SIZES, ViT, build_vit, encoder_state_dict, read_encoder_state_dict, resize_pos_embed
-from teachers import sha256
+from mae import VIT_SIZES, ViT, encoder_state_dict
+from teachers import build_conv_vit, build_vit, read_encoder_state_dict, resize_pos_embed, sha256
 
 
 # Per mode: MAE's fine-tuning recipe (§A.3: AdamW, layer decay, RandAugment, mixup/cutmix, label smoothing, random
 # erasing) and its linear probe (§A.4, with SGD + momentum instead of LARS). Explicit flags override these.
 MODE_DEFAULTS = {
-    'finetune': dict(epochs=100, warmup_epochs=5, blr=5e-4, weight_decay=0.05),
-    'linprobe': dict(epochs=90, warmup_epochs=10, blr=0.1, weight_decay=0.0),
-    'knn': dict(epochs=0, warmup_epochs=0, blr=0.0, weight_decay=0.0),
-    'frozen': dict(epochs=90, warmup_epochs=10, blr=0.1, weight_decay=0.0),  # the linear classifier's, on cached features
+    'finetune': dict(epochs=100, warmup_epochs=5, blr=5e-4, weight_decay=0.05, head_init_std=2e-5),
+    'linprobe': dict(epochs=90, warmup_epochs=10, blr=0.1, weight_decay=0.0, head_init_std=0.01),
+    # k-NN and the classifier on cached features train no Classifier head: its init is the linear probe's, unused
+    'knn': dict(epochs=0, warmup_epochs=0, blr=0.0, weight_decay=0.0, head_init_std=0.01),
+    'frozen': dict(epochs=90, warmup_epochs=10, blr=0.1, weight_decay=0.0, head_init_std=0.01),  # SGD on the features
 }
 
 
@@ -83,6 +84,8 @@ def get_args_parser():
                         help='0.65 base, 0.75 large/huge')
     parser.add_argument('--drop_path', default=0.1, type=flags.FRACTION)
     parser.add_argument('--clip_grad', default=None, type=flags.Range(float, 0, 1e6, open_low=True))
+    parser.add_argument('--head_init_std', default=None, type=flags.FRACTION,
+                        help='std of the new head\'s trunc-normal weights (MAE, ConvMAE: 2e-5; dBOT: 0.01)')
     # fine-tuning augmentation (timm's implementations)
     # MAE uses rand-m9-mstd0.5-inc1, but timm's increasing posterize (1.0.31) asks Pillow for 0 bits at the top
     # magnitude, which Pillow 13 refuses, killing the data loader; the plain policy posterizes to 4-8 bits.
@@ -116,7 +119,8 @@ def get_args_parser():
 
 # What each flag may change when a run resumes (flags.OnResume): a flag named nowhere here is the run's identity.
 ON_RESUME = flags.OnResume(
-    free=('data_dir', 'device', 'output_dir', 'resume', 'export_timm', 'knn_k', 'knn_t'),
+    free=('data_dir', 'device', 'output_dir', 'resume', 'export_timm', 'knn_k', 'knn_t',
+          'head_init_std'),  # the head's initial weights: a resumed run has trained its head already
     schedule=('epochs', 'warmup_epochs', 'blr', 'lr', 'min_lr', 'weight_decay', 'layer_decay', 'drop_path',
               'clip_grad', 'aa', 'reprob', 'mixup', 'cutmix', 'smoothing', 'crop_pct', 'precision'),
     position=('batch_size', 'seed', 'num_workers'))
@@ -139,7 +143,8 @@ def evaluate_encoder(args):
     if args.pool == 'cls' and not run.encoder.num_prefix_tokens:
         runtime.fail(f'--pool cls: the {args.method} encoder has no cls token; use --pool mean')
     build_data(run)
-    run.model = run.raw_model = Classifier(run.encoder, run.num_classes, args.mode, args.pool).to(run.device)
+    run.model = run.raw_model = Classifier(run.encoder, run.num_classes, args.mode, args.pool,
+                                           args.head_init_std).to(run.device)
     if args.mode in ('knn', 'frozen'):
         return evaluate_frozen(run)
     set_up_training(run)
@@ -324,25 +329,27 @@ def read_pretrained(args):
     if isinstance(saved_args, dict) and 'method' in saved_args:  # train.py's
         return saved_args, encoder_state_dict(checkpoint['model'])
     try:
-        state = read_encoder_state_dict(args.checkpoint, classifier=True)  # with_final_norm decides
+        state = read_encoder_state_dict(args.checkpoint, hybrid=True, classifier=True)  # with_final_norm decides
     except ValueError as e:
-        runtime.fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT state dict')
+        runtime.fail(f'--checkpoint {e}; expected a train.py checkpoint or a ViT or MCMAE state dict')
     state = with_final_norm(state, args)
+    hybrid = 'patch_embed.stem1.proj.weight' in state  # MCMAE's encoder (ours or the official ConvMAE code's)
     # Its pre-training size: an official checkpoint's pickled --input_size, else the position embedding's grid times
     # the patch size (a bare state dict names no size).
-    grid = int((state['pos_embed'].shape[1] - 1) ** 0.5)
-    patch = state['patch_embed.proj.weight'].shape[-1]
+    grid = int((state['pos_embed'].shape[1] - (not hybrid)) ** 0.5)
+    stem = state['patch_embed.stem1.proj.weight' if hybrid else 'patch_embed.proj.weight']
+    patch = stem.shape[-1] * (4 if hybrid else 1)  # the hybrid's stem strides a quarter of its patch
     img_size = args.img_size or (saved_args or {}).get('input_size') or grid * patch
     try:
-        vit = build_vit(state, img_size)
+        encoder = build_conv_vit(state, img_size) if hybrid else build_vit(state, img_size)
     except ValueError as e:
         runtime.fail(f'--checkpoint {args.checkpoint}: {e}')
-    width, depth = vit.cls_token.shape[-1], len(vit.blocks)
+    width, depth = encoder.norm.normalized_shape[0], len(encoder.blocks) + hybrid  # the hybrid: depth - 1 blocks
     model = next((n for n, size in VIT_SIZES.items() if (size['embed_dim'], size['depth']) == (width, depth)), None)
     if model is None:
-        runtime.fail(f'--checkpoint {args.checkpoint}: a ViT of width {width} and depth {depth} matches none of '
+        runtime.fail(f'--checkpoint {args.checkpoint}: an encoder of width {width} and depth {depth} matches none of '
                      f'{sorted(VIT_SIZES)}')
-    return dict(method='mae', patch_size=vit.patch_size, img_size=img_size, model=model), state
+    return dict(method='mcmae' if hybrid else 'mae', patch_size=patch, img_size=img_size, model=model), state
 
 
 def with_final_norm(state, args):
@@ -362,7 +369,7 @@ class Classifier(nn.Module):
     the encoder's final norm goes unused, so it is dropped (timm's global_pool='avg' layout). Linear probe (§A.4):
     frozen features after the final norm (cls token or mean), a BatchNorm without affine, and a linear head."""
 
-    def __init__(self, encoder, num_classes, mode, pool):
+    def __init__(self, encoder, num_classes, mode, pool, head_init_std):
         super().__init__()
         self.encoder, self.mode, self.pool = encoder, mode, pool
         width = encoder.norm.normalized_shape[0]
@@ -374,7 +381,7 @@ class Classifier(nn.Module):
             encoder.requires_grad_(False)
             self.fc_norm = nn.BatchNorm1d(width, affine=False, eps=1e-6)
         self.head = nn.Linear(width, num_classes)
-        trunc_normal_(self.head.weight, std=2e-5 if mode == 'finetune' else 0.01)
+        trunc_normal_(self.head.weight, std=head_init_std) if head_init_std else nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def features(self, imgs):
@@ -500,6 +507,7 @@ def set_up_training(run):
                      else nn.CrossEntropyLoss())
     run.eff_batch = args.batch_size * run.world_size
     run.peak_lr = args.lr or args.blr * run.eff_batch / 256
+    train.refuse_rising_lr(args, run.peak_lr, run.eff_batch)
     if args.mode == 'finetune':
         run.optimizer = torch.optim.AdamW(param_groups_layer_decay(run.raw_model, args.weight_decay, args.layer_decay),
                                           lr=run.peak_lr, fused=True)

@@ -5,24 +5,8 @@ MAE: He et al., "Masked Autoencoders Are Scalable Vision Learners", 2021. https:
 Parameter names follow timm's VisionTransformer and the official MAE checkpoints, so an encoder trained here
 loads into timm.create_model('vit_base_patch16_224', ...) and an official MAE checkpoint loads here.
 
-The interface between a method and train.py (MAE, MR-MAE, MCMAE and dBOT all implement it):
-
-    teacher = Method.build_teacher(args, state=None)  # frozen nn.Module mapping images to targets, or None (MAE);
-                                         # state: what model.teacher_state(teacher) returned, when resuming
-    model = Method.from_args(args, teacher)  # nn.Module holding exactly what the optimizer trains, shaped to fit
-                                         # the teacher; model.num_patches = L, the number of maskable tokens
-    loss, pred, mask = model(imgs, mask_ratio, noise=None, targets=None)
-        imgs:    (B, 3, H, W) images, normalised with the ImageNet mean/std
-        targets: teacher(imgs) for the same images (train.py computes it without autograd), or None
-        loss:    scalar to minimise;  pred: (B, L, C) per-token predictions;  mask: (B, L), 1 = hidden
-    model.loss_terms                     # dict of detached scalars from the last forward, logged beside the loss
-    rows, caption = model.visualize(imgs, pred, mask, targets)
-        rows: list of (B, 3, H, W) images in [0, 1], one figure row each; caption: how to read them
-    model.teacher_state(teacher)         # what a checkpoint keeps of the teacher (dBOT: weights; MR-MAE: file hashes)
-    Method.encoder_class                 # the encoder alone (ViT, or MCMAE's ConvViT): what finetune.py builds
-    Method.flags                         # which of train.py's teacher/stage flags the method uses
-    Method.default_stages                # 1, except dBOT, which also implements
-    teacher = model.next_stage(teacher)  # at a stage boundary: the new teacher; the student re-initialises itself
+Outside train.py this file alone is a complete MAE (README, "Copy a method"); train.py drives every method through
+the small interface described at train.METHODS, which MAE's adapters (build_teacher, from_args) implement here.
 """
 
 import torch
@@ -30,8 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-
-import checkpoints
 
 VIT_SIZES = {
     'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),
@@ -175,6 +157,10 @@ class ViT(nn.Module):
         """(B, 1 + L, D) after the final norm, cls first: what timm's forward_features returns."""
         return self.norm(self.forward_blocks(imgs))
 
+    def forward(self, imgs):
+        """The encoder's features of the whole image: (B, 1 + L, D), as forward_features."""
+        return self.forward_features(imgs)
+
 
 ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.')
 
@@ -182,75 +168,6 @@ ENCODER_KEYS = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.')
 def encoder_state_dict(state_dict):
     """The encoder's part of a method's state dict: it loads into ViT here and into timm's VisionTransformer."""
     return {k: v for k, v in state_dict.items() if k.startswith(ENCODER_KEYS)}
-
-
-def read_encoder_state_dict(path, hybrid=False, classifier=False):
-    """The ViT encoder weights in a checkpoint file of any layout met in practice: ours (train.py checkpoints,
-    dBOT teacher files, finetune.py's linear probes), official MAE ({'model': ...}), timm and DINO state dicts
-    (flat), DINO training checkpoints ({'teacher': ...} with 'module.backbone.' prefixes); with hybrid=True MCMAE's
-    hybrid encoder too (its conv stages under patch_embed.stem1...); with classifier=True a fine-tuned classifier's
-    encoder too, which has no final norm. Raises ValueError naming the problem."""
-    try:
-        checkpoint = checkpoints.load_weights_file(path)
-    except FileNotFoundError:
-        raise ValueError(f'{path}: no such file') from None
-    except Exception as e:
-        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
-    for key in ('model', 'teacher', 'state_dict'):
-        if isinstance(checkpoint, dict) and key in checkpoint:
-            checkpoint = checkpoint[key]
-            break
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f'{path}: holds no state dict')
-    # DDP's and DINO's prefixes; finetune.py's classifiers hold their encoder under 'encoder.'
-    state = {k.removeprefix('module.').removeprefix('backbone.').removeprefix('encoder.'): v
-             for k, v in checkpoint.items()}
-    if not hybrid and any(key.startswith('patch_embed.stem1.') for key in state):
-        raise ValueError(f'{path}: an MCMAE encoder (convolution stages before the transformer), which cannot serve '
-                         f'as a ViT; use a checkpoint of mae, mrmae or dbot')
-    if 'patch_embed.proj.weight' not in state:
-        raise ValueError(f'{path}: not a ViT encoder (no patch_embed.proj.weight among its keys)')
-    if 'norm.weight' not in state and not classifier:  # timm's global_pool='avg' layout, as finetune.py writes it
-        raise ValueError(f'{path}: a fine-tuned classifier, whose encoder has no final norm (fc_norm and a head '
-                         f'replaced it): use the pre-trained checkpoint it was fine-tuned from, or a linear probe\'s')
-    return encoder_state_dict(state)
-
-
-def resize_pos_embed(pos_embed, grid_size, num_prefix_tokens=1):
-    """Bicubic resampling of a (1, prefix + N, D) position embedding from its square grid to grid_size, e.g. for a
-    teacher trained at 224 px used on 64 px images (MAE fine-tuning does the same at a new resolution)."""
-    n = pos_embed.shape[1] - num_prefix_tokens
-    if n == grid_size[0] * grid_size[1]:
-        return pos_embed
-    side = int(n ** 0.5)
-    patches = pos_embed[:, num_prefix_tokens:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=grid_size, mode='bicubic', align_corners=False)
-    patches = patches.flatten(2).transpose(1, 2).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :num_prefix_tokens], patches], dim=1)
-
-
-def default_heads(embed_dim):
-    """The heads of the standard ViT of that width (weights cannot tell them), else one per 64 channels."""
-    return next((size['num_heads'] for size in VIT_SIZES.values() if size['embed_dim'] == embed_dim),
-                max(1, embed_dim // 64))
-
-
-def build_vit(state_dict, img_size, vit_class=ViT, num_heads=None):
-    """A ViT with the architecture that state_dict implies (width, depth, patch and MLP size; the heads, which
-    weights cannot tell, from num_heads or else the standard size of that width), holding those weights."""
-    weight = state_dict['patch_embed.proj.weight']  # (D, 3, p, p)
-    embed_dim, patch_size = weight.shape[0], weight.shape[-1]
-    depth = len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')})
-    mlp_ratio = state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim if depth else 4.0
-    num_heads = num_heads or default_heads(embed_dim)
-    model = vit_class(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio)
-    state_dict = dict(state_dict, pos_embed=resize_pos_embed(state_dict['pos_embed'], model.grid_size))
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:  # names every missing, unexpected or mis-shaped key
-        raise ValueError(f'weights do not fit a ViT of width {embed_dim}, depth {depth}, patch {patch_size}: '
-                         + ' '.join(str(e).split())) from None
-    return model
 
 
 class MAE(ViT):
@@ -383,10 +300,13 @@ def gather_tokens(x, ids):
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def whiten(tokens):
-    """Per-token standardisation, a LayerNorm without affine parameters: how MR-MAE's feature targets are normalised
-    (our reading; dBOT has its official code's variant in dbot.py)."""
-    return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=1e-6)
+def whiten(tokens, unbiased):
+    """Per-token standardisation of feature targets over their channels, in fp32: (x - mean) / sqrt(var + 1e-6). The
+    variance is the unbiased one (divided by D - 1) where the official code says so (dBOT), the biased one (a
+    LayerNorm without affine parameters) elsewhere; each call site names its choice."""
+    tokens = tokens.float()
+    mean, var = tokens.mean(dim=-1, keepdim=True), tokens.var(dim=-1, keepdim=True, unbiased=unbiased)
+    return (tokens - mean) / (var + 1e-6) ** 0.5
 
 
 def denormalize(imgs):

@@ -19,7 +19,7 @@ that adds it.
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm2d
 
-from mae import MAE, ViT, default_heads, drop_path_rates, gather_tokens, resize_pos_embed
+from mae import MAE, ViT, drop_path_rates, gather_tokens
 
 # The official convolution stages use LayerNorm's default eps, where the transformer blocks use 1e-6.
 CONV_NORM_EPS = 1e-5
@@ -116,23 +116,6 @@ class ConvViT(ViT):
     def embed(self, imgs):  # every position visible
         visible = imgs.new_ones(imgs.shape[0], 1, *self.grid_size)
         return self.patch_embed(imgs, visible)[0] + self.pos_embed
-
-
-def build_conv_vit(state_dict, img_size):
-    """A ConvViT with the sizes that an MCMAE encoder's weights imply (width, transformer depth, overall stride, MLP
-    size; the heads from the standard size of that width), holding those weights: e.g. as a teacher (teachers.py)."""
-    embed_dim = state_dict['patch_embed.proj.weight'].shape[0]  # the stage-3 embedding's output width
-    patch_size = 4 * state_dict['patch_embed.stem1.proj.weight'].shape[-1]  # the stem's stride is a quarter of it
-    blocks = len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')})
-    mlp_ratio = state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim if blocks else 4.0
-    model = ConvViT(img_size, patch_size, embed_dim, blocks + 1, default_heads(embed_dim), mlp_ratio)
-    state_dict = dict(state_dict, pos_embed=resize_pos_embed(state_dict['pos_embed'], model.grid_size, 0))
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:  # names every missing, unexpected or mis-shaped key
-        raise ValueError(f'weights do not fit an MCMAE encoder of width {embed_dim}, {blocks} transformer blocks, '
-                         f'stride {patch_size}: ' + ' '.join(str(e).split())) from None
-    return model
 
 
 class MCMAE(MAE, ConvViT):  # MAE's decoder and loss on the hybrid encoder

@@ -1,23 +1,148 @@
 """
-Frozen teachers, loaded in one place for every method: CLIP through open_clip, DINO through timm, and encoders trained
-here (train.py checkpoints of any method: ViTs, and MCMAE's hybrid encoder; dBOT teacher-stageK.pth files). Each is wrapped so that it sees the
-full image re-normalised to its own mean/std at the size that puts its token grid on the student's, and each file is
-recorded with its SHA-256, so that a resumed run can insist on the same teachers. Used by mrmae.py (and mcmae.py's
-MR-MCMAE) and by dbot.py's CLIP teacher; knows no method.
+Encoders in weight files, and frozen teachers, in one place for every method and script.
+
+Reading: an encoder's weights from a checkpoint of any layout met in practice (ours, official MAE, dBOT and ConvMAE,
+timm, DINO), and the ViT or MCMAE hybrid encoder those weights imply (finetune.py, dBOT's file teachers, MR-MAE's).
+Teachers: CLIP through open_clip, DINO through timm, and encoders trained here (train.py checkpoints of any method:
+ViTs, and MCMAE's hybrid encoder; dBOT teacher-stageK.pth files). Each is wrapped so that it sees the full image
+re-normalised to its own mean/std at the size that puts its token grid on the student's, and each file is recorded
+with its SHA-256, so that a resumed run can insist on the same teachers. Used by mrmae.py (MR-MAE and MR-MCMAE), by
+dbot.py's file and CLIP teachers, and by the scripts; knows no method. open_clip is imported only for a CLIP teacher.
 """
 
+import argparse
 import hashlib
 from pathlib import Path
 
-import open_clip
+import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from mae import build_vit, read_encoder_state_dict
-from mcmae import build_conv_vit
+from mae import VIT_SIZES, ViT, encoder_state_dict
+from mcmae import ConvViT
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Encoders in weight files
+
+def load_weights_file(path):
+    """A checkpoint or state dict as saved by torch.save (loaded without running pickled code), or a .safetensors
+    file (timm's and the Hugging Face hub's format)."""
+    if Path(path).suffix.lower() == '.safetensors':
+        return safetensors.torch.load_file(path)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+# The official ConvMAE code (Alpha-VL/ConvMAE, vision_transformer.py and models_convmae.py) names the hybrid
+# encoder's parts by stage; ours nests the convolution stages under patch_embed (mcmae.ConvStages). Same tensors.
+CONVMAE_NAMES = [('patch_embed1.', 'patch_embed.stem1.'), ('blocks1.', 'patch_embed.stage1.'),
+                 ('patch_embed2.', 'patch_embed.stem2.'), ('blocks2.', 'patch_embed.stage2.'),
+                 ('patch_embed3.', 'patch_embed.'), ('patch_embed4.', 'patch_embed.linear.'), ('blocks3.', 'blocks.'),
+                 ('stage1_output_decode.', 'fuse1.'), ('stage2_output_decode.', 'fuse2.')]
+
+
+def from_official_convmae(state):
+    """An official ConvMAE state dict (pre-trained, or fine-tuned) under our MCMAE names."""
+    def rename(key):
+        return next((ours + key.removeprefix(theirs) for theirs, ours in CONVMAE_NAMES if key.startswith(theirs)), key)
+    return {rename(key): value for key, value in state.items()}
+
+
+def read_encoder_state_dict(path, hybrid=False, classifier=False):
+    """The encoder weights in a checkpoint file of any layout met in practice: ours (train.py checkpoints, dBOT
+    teacher files, finetune.py's linear probes), official MAE and dBOT ({'model': ...}), timm and DINO state dicts
+    (flat), DINO training checkpoints ({'teacher': ...} with 'module.backbone.' prefixes); with hybrid=True MCMAE's
+    hybrid encoder too (its conv stages under patch_embed.stem1...), ours or the official ConvMAE code's; with
+    classifier=True a fine-tuned classifier's encoder too, which has no final norm. Raises ValueError naming the
+    problem."""
+    try:
+        checkpoint = load_weights_file(path)
+    except FileNotFoundError:
+        raise ValueError(f'{path}: no such file') from None
+    except Exception as e:
+        raise ValueError(f'{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})') from None
+    for key in ('model', 'teacher', 'state_dict'):
+        if isinstance(checkpoint, dict) and key in checkpoint:
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'{path}: holds no state dict')
+    # DDP's and DINO's prefixes; finetune.py's classifiers hold their encoder under 'encoder.'
+    state = {k.removeprefix('module.').removeprefix('backbone.').removeprefix('encoder.'): v
+             for k, v in checkpoint.items()}
+    if 'patch_embed1.proj.weight' in state:  # the official ConvMAE code's names
+        state = from_official_convmae(state)
+    if not hybrid and any(key.startswith('patch_embed.stem1.') for key in state):
+        raise ValueError(f'{path}: an MCMAE encoder (convolution stages before the transformer), which cannot serve '
+                         f'as a ViT; use a checkpoint of mae, mrmae or dbot')
+    if 'patch_embed.proj.weight' not in state:
+        raise ValueError(f'{path}: not a ViT encoder (no patch_embed.proj.weight among its keys)')
+    if 'norm.weight' not in state and not classifier:  # timm's global_pool='avg' layout, as finetune.py writes it
+        raise ValueError(f'{path}: a fine-tuned classifier, whose encoder has no final norm (fc_norm and a head '
+                         f'replaced it): use the pre-trained checkpoint it was fine-tuned from, or a linear probe\'s')
+    return encoder_state_dict(state)
+
+
+def resize_pos_embed(pos_embed, grid_size, num_prefix_tokens=1):
+    """Bicubic resampling of a (1, prefix + N, D) position embedding from its square grid to grid_size, e.g. for a
+    teacher trained at 224 px used on 64 px images (MAE fine-tuning does the same at a new resolution)."""
+    n = pos_embed.shape[1] - num_prefix_tokens
+    if n == grid_size[0] * grid_size[1]:
+        return pos_embed
+    side = int(n ** 0.5)
+    patches = pos_embed[:, num_prefix_tokens:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=grid_size, mode='bicubic', align_corners=False)
+    patches = patches.flatten(2).transpose(1, 2).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :num_prefix_tokens], patches], dim=1)
+
+
+def default_heads(embed_dim):
+    """The heads of the standard ViT of that width (weights cannot tell them), else one per 64 channels."""
+    return next((size['num_heads'] for size in VIT_SIZES.values() if size['embed_dim'] == embed_dim),
+                max(1, embed_dim // 64))
+
+
+def build_vit(state_dict, img_size, vit_class=ViT, num_heads=None):
+    """A ViT with the architecture that state_dict implies (width, depth, patch and MLP size; the heads, which
+    weights cannot tell, from num_heads or else the standard size of that width), holding those weights."""
+    weight = state_dict['patch_embed.proj.weight']  # (D, 3, p, p)
+    embed_dim, patch_size = weight.shape[0], weight.shape[-1]
+    depth = len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')})
+    mlp_ratio = state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim if depth else 4.0
+    num_heads = num_heads or default_heads(embed_dim)
+    model = vit_class(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio)
+    state_dict = dict(state_dict, pos_embed=resize_pos_embed(state_dict['pos_embed'], model.grid_size))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:  # names every missing, unexpected or mis-shaped key
+        raise ValueError(f'weights do not fit a ViT of width {embed_dim}, depth {depth}, patch {patch_size}: '
+                         + ' '.join(str(e).split())) from None
+    return model
+
+
+def build_conv_vit(state_dict, img_size):
+    """A ConvViT with the sizes that an MCMAE encoder's weights imply (width, transformer depth, overall stride, MLP
+    size; the heads from the standard size of that width), holding those weights: e.g. as a teacher (load_own)."""
+    embed_dim = state_dict['patch_embed.proj.weight'].shape[0]  # the stage-3 embedding's output width
+    patch_size = 4 * state_dict['patch_embed.stem1.proj.weight'].shape[-1]  # the stem's stride is a quarter of it
+    blocks = len({key.split('.')[1] for key in state_dict if key.startswith('blocks.')})
+    mlp_ratio = state_dict['blocks.0.mlp.fc1.weight'].shape[0] / embed_dim if blocks else 4.0
+    model = ConvViT(img_size, patch_size, embed_dim, blocks + 1, default_heads(embed_dim), mlp_ratio)
+    state_dict = dict(state_dict, pos_embed=resize_pos_embed(state_dict['pos_embed'], model.grid_size, 0))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:  # names every missing, unexpected or mis-shaped key
+        raise ValueError(f'weights do not fit an MCMAE encoder of width {embed_dim}, {blocks} transformer blocks, '
+                         f'stride {patch_size}: ' + ' '.join(str(e).split())) from None
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Frozen teachers
 
 
 class FrozenViT(nn.Module):
@@ -118,39 +243,42 @@ def weights_source(flag, value, hub_names):
     return str(value), sha256(value)
 
 
-def load_clip(args, grid):
-    config = open_clip.get_model_config(args.clip_model)
+def load_clip(grid, clip_model='ViT-B-16', clip_weights=None, clip_quick_gelu=True):
+    """CLIP's image tower (open_clip) from a local weights file, its position code resampled to put its token grid on
+    `grid`. clip_quick_gelu: OpenAI's weights (the papers') need QuickGELU. -> (ClipTeacher, its source)."""
+    import open_clip  # only for a CLIP teacher: nothing else here needs it installed
+    config = open_clip.get_model_config(clip_model)
     if config is None:
-        raise ValueError(f'--clip_model {args.clip_model}: not an open_clip model name')
-    weights, digest = weights_source('--clip_weights', args.clip_weights,
-                                     open_clip.list_pretrained_tags_by_model(args.clip_model))
+        raise ValueError(f'--clip_model {clip_model}: not an open_clip model name')
+    tags = open_clip.list_pretrained_tags_by_model(clip_model)
+    weights, digest = weights_source('--clip_weights', clip_weights, tags)
     patch = config['vision_cfg']['patch_size']
     try:  # open_clip resamples the position embedding to the new grid when it loads the weights
-        visual = open_clip.create_model(args.clip_model, pretrained=weights, force_quick_gelu=args.clip_quick_gelu,
+        visual = open_clip.create_model(clip_model, pretrained=weights, force_quick_gelu=clip_quick_gelu,
                                         force_image_size=(grid[0] * patch, grid[1] * patch)).visual
     except Exception as e:
-        raise ValueError(f'--clip_weights {weights}: cannot load into {args.clip_model} ({str(e)[:200]})') from None
+        raise ValueError(f'--clip_weights {weights}: cannot load into {clip_model} ({str(e)[:200]})') from None
     teacher = ClipTeacher(visual, visual.image_mean, visual.image_std, patch, grid, visual.transformer.width)
-    return teacher, dict(model=args.clip_model, weights=weights, sha256=digest)
+    return teacher, dict(model=clip_model, weights=weights, sha256=digest)
 
 
-def load_dino(args, grid):
+def load_dino(grid, dino_model='vit_base_patch16_224.dino', dino_weights=None):
+    """DINO's ViT (timm) from a local weights file (or "hub"), resampled to put its token grid on `grid`."""
     try:
         with torch.device('meta'):  # the architecture only, to learn its patch size
-            patch = timm.create_model(args.dino_model).patch_embed.patch_size[0]
+            patch = timm.create_model(dino_model).patch_embed.patch_size[0]
     except RuntimeError as e:
-        raise ValueError(f'--dino_model {args.dino_model}: {e}') from None
-    weights, digest = weights_source('--dino_weights', args.dino_weights, ['hub'])
+        raise ValueError(f'--dino_model {dino_model}: {e}') from None
+    weights, digest = weights_source('--dino_weights', dino_weights, ['hub'])
     overlay = {} if weights == 'hub' else dict(pretrained_cfg_overlay=dict(file=weights))
     try:  # timm resamples the position embedding to img_size when it loads the weights
-        backbone = timm.create_model(args.dino_model, pretrained=True, num_classes=0, img_size=grid[0] * patch,
-                                     **overlay)
+        backbone = timm.create_model(dino_model, pretrained=True, num_classes=0, img_size=grid[0] * patch, **overlay)
     except Exception as e:
-        raise ValueError(f'--dino_weights {weights}: cannot load into {args.dino_model} ({str(e)[:200]})') from None
+        raise ValueError(f'--dino_weights {weights}: cannot load into {dino_model} ({str(e)[:200]})') from None
     cfg = backbone.pretrained_cfg
     teacher = TimmTeacher(backbone, cfg['mean'], cfg['std'], patch, grid, backbone.embed_dim,
                           backbone.num_prefix_tokens)
-    return teacher, dict(model=args.dino_model, weights=weights, sha256=digest)
+    return teacher, dict(model=dino_model, weights=weights, sha256=digest)
 
 
 def load_own(path, grid):
@@ -173,6 +301,7 @@ def load_own(path, grid):
 def save_standin_weights(folder, clip_model='ViT-S-16', dino_model='vit_small_patch16_224.dino'):
     """Randomly initialised teachers saved in the real file formats (an open_clip state dict, a timm state dict):
     tests and benchmarks load them through the real loaders on machines without the real weights."""
+    import open_clip
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clip_path, dino_path = folder / f'{clip_model}-standin.pth', folder / f'{dino_model}-standin.pth'

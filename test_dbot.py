@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 import runtime
 import teachers
 import train
-from dbot import DBOT, whiten
-from mae import encoder_state_dict
+from dbot import DBOT
+from mae import encoder_state_dict, whiten
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_dim=32, decoder_depth=1,
             decoder_heads=4)
@@ -41,7 +41,8 @@ def test_whitening_and_loss_on_hand_checked_example():
     targets = torch.tensor([[[1.0, 3.0], [0.0, 4.0], [5.0, 5.0]]])
     # the official code's whitening: unbiased variance, so (1, 3) -> (-1, 1) / sqrt(2), not (-1, 1)
     r = 2 ** -0.5
-    torch.testing.assert_close(whiten(targets), torch.tensor([[[-r, r], [-r, r], [0.0, 0.0]]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(whiten(targets, unbiased=True), torch.tensor([[[-r, r], [-r, r], [0.0, 0.0]]]),
+                               atol=1e-5, rtol=0)
     pred = torch.tensor([[[-r, 2 + r], [3 - r, r], [100.0, -100.0]]])
     mask = torch.tensor([[1.0, 0.0]])
     # cls: differences (0, 2) -> |d| >= beta: 2 - beta / 2 = 1, and 0 -> mean 0.5
@@ -174,6 +175,27 @@ def test_teacher_file_loads_as_a_first_teacher(image_folder, tmp_path):
     first = torch.load(tmp_path / 'a' / 'teacher-stage1.pth', weights_only=True)['model']
     used = torch.load(tmp_path / 'b' / 'checkpoint-last.pth', weights_only=True)['teacher']
     assert all(torch.equal(used[k], v) for k, v in first.items())
+
+
+def test_a_wider_teacher_teaches_stage_one_and_the_student_its_own_width_after(image_folder, tmp_path):
+    # dBOT's larger-teacher row (a ViT-L teacher of a ViT-B student), small: a timm ViT-S file teaching a ViT-Tiny
+    wide = timm.create_model('vit_small_patch16_224', pretrained=False, num_classes=0, img_size=32, patch_size=8)
+    torch.save(wide.state_dict(), tmp_path / 'vit_small.pth')
+    model, teacher = build(teacher=str(tmp_path / 'vit_small.pth'))
+    assert teacher.width == 384 and model.decoder_pred.out_features == 384 and model.cls_token.shape[-1] == 192
+    assert torch.equal(teacher.blocks[0].attn.qkv.weight, wide.blocks[0].attn.qkv.weight)
+    assert teacher.blocks[0].attn.num_heads == 6  # the heads of its own width, not the student's 3
+    rows = run(image_folder, tmp_path / 'run', '--stages', '2', '--epochs', '2', '--teacher',
+               str(tmp_path / 'vit_small.pth'))
+    assert [row['stage'] for row in rows] == [0, 1] and all(row['loss'] > 0 for row in rows)
+    final = torch.load(tmp_path / 'run' / 'checkpoint-last.pth', weights_only=True)
+    assert final['teacher']['cls_token'].shape[-1] == 192  # stage 2's teacher is the student, at its width
+    assert final['model']['decoder_pred.weight'].shape == (192, 32)
+    # a wider teacher whose patches are not the student's would teach other tokens: refused
+    coarse = timm.create_model('vit_small_patch16_224', pretrained=False, num_classes=0, img_size=32)
+    torch.save(coarse.state_dict(), tmp_path / 'vit_small_16.pth')
+    with pytest.raises(ValueError, match='token grid'):
+        DBOT.build_teacher(teacher_args(teacher=str(tmp_path / 'vit_small_16.pth')))
 
 
 @pytest.mark.parametrize('flags,message', [

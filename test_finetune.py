@@ -15,7 +15,8 @@ import finetune
 import frozen
 import teachers
 import train
-from mae import encoder_state_dict, resize_pos_embed
+from mae import encoder_state_dict
+from teachers import resize_pos_embed
 from mcmae import ConvViT
 
 DOCUMENTED_EXTRAS = ('decoder_', 'mask_token', 'mimic_heads.', 'fusion_logits', 'fuse1.', 'fuse2.')
@@ -59,7 +60,7 @@ def test_finetuned_export_gives_the_same_logits_in_timm(tmp_path, name):
     torch.manual_seed(0)
     encoder = finetune.load_encoder(ft_args('none', 'unused', tmp_path, '--model', 'vit_tiny', '--patch_size', '8',
                                             '--img_size', '32'))
-    model = finetune.Classifier(encoder, 5, 'finetune', 'mean').eval()
+    model = finetune.Classifier(encoder, 5, 'finetune', 'mean', 2e-5).eval()
     with torch.no_grad():
         model.head.weight.normal_()  # a head that says something
         model.fc_norm.weight.normal_(1.0, 0.1)
@@ -80,7 +81,7 @@ def test_layer_decay_scales(encoder_class, blocks, tmp_path):
     extra = ['--method', 'mcmae'] if encoder_class else []
     encoder = finetune.load_encoder(ft_args('none', 'unused', tmp_path, '--model', 'vit_tiny', '--patch_size', '8',
                                             '--img_size', '32', *extra))
-    model = finetune.Classifier(encoder, 3, 'finetune', 'mean')
+    model = finetune.Classifier(encoder, 3, 'finetune', 'mean', 2e-5)
     groups = finetune.param_groups_layer_decay(model, 0.05, 0.5)
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     named = dict(model.named_parameters())
@@ -179,13 +180,60 @@ def test_official_mae_checkpoint_layout_loads(tmp_path):
     assert torch.equal(encoder.blocks[11].mlp.fc1.weight, official.blocks[11].mlp.fc1.weight)
 
 
+# Where the official ConvMAE code (Alpha-VL/ConvMAE: models_convmae.py, vision_transformer.py) keeps each part of
+# the hybrid encoder, written from its attribute names: stage by stage, not nested as ours.
+OFFICIAL_CONVMAE = [('patch_embed.stem1.', 'patch_embed1.'), ('patch_embed.stage1.', 'blocks1.'),
+                    ('patch_embed.stem2.', 'patch_embed2.'), ('patch_embed.stage2.', 'blocks2.'),
+                    ('patch_embed.linear.', 'patch_embed4.'), ('patch_embed.', 'patch_embed3.'),
+                    ('blocks.', 'blocks3.'), ('fuse1.', 'stage1_output_decode.'), ('fuse2.', 'stage2_output_decode.')]
+
+
+def official_convmae_names(state):
+    rename = lambda key: next((theirs + key.removeprefix(ours) for ours, theirs in OFFICIAL_CONVMAE  # noqa: E731
+                               if key.startswith(ours)), key)
+    return {rename(key): value for key, value in state.items()}
+
+
+def test_official_convmae_checkpoint_loads_for_evaluation_and_as_a_teacher(image_folder, tmp_path):
+    import argparse
+    from mae import VIT_SIZES
+    from mcmae import MCMAE
+    ours = MCMAE(img_size=32, patch_size=16, **VIT_SIZES['vit_tiny'], decoder_dim=32, decoder_depth=1)
+    official = official_convmae_names(ours.state_dict())
+    assert {'patch_embed1.norm.weight', 'blocks1.1.attn.weight', 'patch_embed3.proj.weight', 'patch_embed4.weight',
+            'blocks3.10.attn.qkv.weight', 'stage2_output_decode.weight', 'norm.weight'} <= set(official)
+    torch.save(dict(model=official, args=argparse.Namespace(model='convmae_convvit_tiny_patch16', input_size=32)),
+               tmp_path / 'convmae_pretrain.pth')
+    args = ft_args(tmp_path / 'convmae_pretrain.pth', image_folder, tmp_path / 'knn', '--mode', 'knn', '--knn_k', '3')
+    encoder = finetune.load_encoder(args)
+    assert type(encoder) is ConvViT and (args.method, args.model, args.patch_size, args.img_size) == (
+        'mcmae', 'vit_tiny', 16, 32)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[key]), key
+    finetune.main(ft_args(tmp_path / 'convmae_pretrain.pth', image_folder, tmp_path / 'knn', '--mode', 'knn',
+                          '--knn_k', '3'))
+    assert 0 <= json.loads((tmp_path / 'knn' / 'log.jsonl').read_text())['val_acc1'] <= 100
+    # as MR-MAE's teacher: the same tokens as our own file of the same weights
+    torch.save(ours.state_dict(), tmp_path / 'ours.pth')
+    imgs = torch.randn(2, 3, 32, 32)
+    theirs_teacher, source = teachers.load_own(str(tmp_path / 'convmae_pretrain.pth'), (2, 2))
+    assert source['model'] == 'mcmae'
+    assert torch.equal(theirs_teacher(imgs)[0], teachers.load_own(str(tmp_path / 'ours.pth'), (2, 2))[0](imgs)[0])
+    # a fine-tuned official ConvMAE (fc_norm and head in place of the final norm) fine-tunes again
+    tuned = {k: v for k, v in official.items() if not k.startswith('norm.')}
+    tuned.update({'fc_norm.weight': torch.ones(192), 'fc_norm.bias': torch.zeros(192), 'head.weight': torch.zeros(
+        5, 192), 'head.bias': torch.zeros(5)})
+    torch.save(dict(model=tuned), tmp_path / 'convmae_finetuned.pth')
+    assert type(finetune.load_encoder(ft_args(tmp_path / 'convmae_finetuned.pth', 'unused', tmp_path))) is ConvViT
+
+
 @pytest.mark.parametrize('mode', ['finetune', 'linprobe'])
 def test_finetuning_trains_the_position_embedding_without_weight_decay(mode, tmp_path):
     """Pre-training keeps the sin-cos position code fixed; the official MAE, dBOT and ConvMAE fine-tuning train it (in
     the lowest layer-decay group, without weight decay). A linear probe trains nothing of the encoder."""
     encoder = finetune.load_encoder(ft_args('none', 'unused', tmp_path, '--model', 'vit_tiny', '--patch_size', '8',
                                             '--img_size', '32', '--mode', mode))
-    model = finetune.Classifier(encoder, 3, mode, 'mean')
+    model = finetune.Classifier(encoder, 3, mode, 'mean', 2e-5)
     before = encoder.pos_embed.detach().clone()
     groups = finetune.param_groups_layer_decay(model, 0.05, 0.5)
     group = next((g for g in groups if any(p is encoder.pos_embed for p in g['params'])), None)
@@ -280,6 +328,14 @@ def test_safetensors_export_reads_back_as_a_checkpoint_and_a_teacher(pretrained,
     teacher, source = teachers.load_own(str(exported), (4, 4))
     trained = encoder_state_dict(torch.load(pretrained, weights_only=False)['model'])
     assert torch.equal(teacher.backbone.blocks[0].attn.qkv.weight, trained['blocks.0.attn.qkv.weight'])
+
+
+def test_min_lr_above_the_peak_is_refused_and_a_zero_head_init_is_zeros(pretrained, image_folder, tmp_path):
+    with pytest.raises(SystemExit, match='--min_lr 1 is above the peak lr'):  # the cosine would rise, not decay
+        finetune.main(ft_args(pretrained, image_folder, tmp_path, '--min_lr', '1'))
+    for std in (0.0, 0.01):  # the official heads: dBOT 0.01, MAE and ConvMAE 2e-5; 0 is a zero head
+        head = finetune.Classifier(ConvViT(32, 16, 192, 2, 3), 3, 'finetune', 'mean', std).head.weight
+        assert head.abs().max() == 0 if std == 0 else 0 < head.std() < 2 * std
 
 
 def test_knn_votes_do_not_overflow_at_a_low_temperature():

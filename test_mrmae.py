@@ -35,7 +35,7 @@ def build(args):
 @pytest.mark.parametrize('img_size,patch_size', [(224, 16), (64, 8)])
 def test_standin_teachers_load_and_match_the_student_grid(standin, img_size, patch_size):
     args = mrmae_args(standin, '--img_size', str(img_size), '--patch_size', str(patch_size))
-    teacher = mrmae.load_teachers(args)
+    teacher = mrmae.MRMAE.build_teacher(args)
     saved_clip = torch.load(standin[0], weights_only=True)
     assert torch.equal(teacher.teachers['clip'].backbone.conv1.weight, saved_clip['visual.conv1.weight'])
     saved_dino = torch.load(standin[1], weights_only=True)
@@ -53,7 +53,7 @@ def test_clip_teacher_equals_open_clip_on_clip_normalised_input(standin):
     """Re-normalisation, last-block tokens before ln_post and the projection, and the [CLS] attention, checked
     against open_clip's own modules."""
     args = mrmae_args(standin, '--img_size', '224', '--patch_size', '16', '--teacher', 'clip', '--focused_mimic')
-    teacher = mrmae.load_teachers(args).teachers['clip']
+    teacher = mrmae.MRMAE.build_teacher(args).teachers['clip']
     raw = torch.rand(2, 3, 224, 224)
     imgs = (raw - torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_own_vit_checkpoint_as_teacher(standin, tmp_path):
     trained = MAE(img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3, decoder_dim=32, decoder_depth=1)
     torch.save(dict(model=trained.state_dict()), tmp_path / 'mae-teacher.pth')
     args = mrmae_args(standin, '--teacher', f'{tmp_path / "mae-teacher.pth"}+dino', '--img_size', '64')
-    teacher = mrmae.load_teachers(args)
+    teacher = mrmae.MRMAE.build_teacher(args)
     assert list(teacher.dims) == ['mae_teacher', 'dino']
     with torch.inference_mode():
         out = teacher(torch.randn(1, 3, 64, 64))
@@ -145,7 +145,7 @@ def test_own_mcmae_checkpoint_as_teacher(standin, tmp_path):
         param.data.add_(0.02 * torch.randn_like(param))
     torch.save(dict(model=trained.state_dict()), tmp_path / 'mcmae-teacher.pth')
     args = mrmae_args(standin, '--teacher', str(tmp_path / 'mcmae-teacher.pth'), '--img_size', '64')
-    teacher = mrmae.load_teachers(args)
+    teacher = mrmae.MRMAE.build_teacher(args)
     own = teacher.teachers['mcmae_teacher']
     assert teacher.sources['mcmae_teacher']['model'] == 'mcmae' and own.num_prefix_tokens == 0
     imgs = torch.randn(2, 3, 64, 64)
@@ -155,8 +155,8 @@ def test_own_mcmae_checkpoint_as_teacher(standin, tmp_path):
     assert features.shape == (2, 64, 192)  # stride 16 at 128 px: the student's 8 x 8 grid
     torch.testing.assert_close(features, expected)
     with pytest.raises(ValueError, match='MCMAE encoders have none'):
-        mrmae.load_teachers(mrmae_args(standin, '--teacher', str(tmp_path / 'mcmae-teacher.pth'), '--img_size', '64',
-                                       '--focused_mimic'))
+        mrmae.MRMAE.build_teacher(mrmae_args(standin, '--teacher', str(tmp_path / 'mcmae-teacher.pth'),
+                                             '--img_size', '64', '--focused_mimic'))
 
 
 def run(image_folder, output_dir, standin, *extra):

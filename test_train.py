@@ -105,6 +105,15 @@ def test_weight_decay_as_the_official_pretraining_code_decays_tokens_but_not_bia
     assert all(names[id(p)] not in ('pos_embed', 'decoder_pos_embed') for p in decay['params'] + no_decay['params'])
 
 
+def test_min_lr_is_where_the_half_cosine_ends_and_never_above_the_peak(image_folder, tmp_path):
+    rows = run(image_folder, tmp_path / 'a', '--warmup_epochs', '0', '--min_lr', '1e-6', '--log_every', '100')
+    peak = 1.5e-4 * 4 / 256  # 4 steps per epoch, 8 in all: the last step's lr is logged
+    assert [row['lr'] for row in rows] == pytest.approx([train.lr_at(s, 8, 0, peak, 1e-6) for s in (3, 7)])
+    assert rows[-1]['lr'] > train.lr_at(7, 8, 0, peak)  # it ends nearer 1e-6 than 0 would be
+    with pytest.raises(SystemExit, match='--min_lr 0.001 is above the peak lr'):
+        run(image_folder, tmp_path / 'b', '--min_lr', '1e-3')
+
+
 @pytest.mark.parametrize('flags,message', [
     (['--data', '/nonexistent/folder'], 'no such folder'),
     (['--img_size', '30'], 'not divisible'),

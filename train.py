@@ -9,8 +9,8 @@ loss, warmup then half-cosine) on a small model and data set that trains in well
 ViT-Tiny, patch 4, on 32 px CIFAR-10 with a 128-wide, 4-deep decoder; docs/methods.md gives the ImageNet flags.
 
 Where to read: `pretrain` is the table of contents, `train_one_epoch` the step (as the official engine_pretrain.py);
-then the recipe, the set-up, logging and the flag checks. A method plugs in through the small interface at the top
-of mae.py. What no paper asks for is elsewhere: processes and signals in runtime.py, checkpoints and resuming in
+then the recipe, the set-up, logging and the flag checks. A method plugs in through the small interface described
+at METHODS. What no paper asks for is elsewhere: processes and signals in runtime.py, checkpoints and resuming in
 checkpoints.py, the flags' declared values and resume classes in flags.py, how images arrive in data.py.
 """
 
@@ -40,6 +40,24 @@ import runtime
 
 METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'mcmae': mcmae.MCMAE, 'mrmcmae': mrmae.MRMCMAE,
            'dbot': dbot.DBOT}
+# The interface between a method and train.py (MAE, MR-MAE, MCMAE and dBOT all implement it):
+#
+# teacher = Method.build_teacher(args, state=None)  # frozen nn.Module mapping images to targets, or None (MAE);
+#                                      # state: what model.teacher_state(teacher) returned, when resuming
+# model = Method.from_args(args, teacher)  # nn.Module holding exactly what the optimizer trains, shaped to fit
+#                                      # the teacher; model.num_patches = L, the number of maskable tokens
+# loss, pred, mask = model(imgs, mask_ratio, noise=None, targets=None)
+#     imgs:    (B, 3, H, W) images, normalised with the ImageNet mean/std
+#     targets: teacher(imgs) for the same images (train.py computes it without autograd), or None
+#     loss:    scalar to minimise;  pred: (B, L, C) per-token predictions;  mask: (B, L), 1 = hidden
+# model.loss_terms                     # dict of detached scalars from the last forward, logged beside the loss
+# rows, caption = model.visualize(imgs, pred, mask, targets)
+#     rows: list of (B, 3, H, W) images in [0, 1], one figure row each; caption: how to read them
+# model.teacher_state(teacher)         # what a checkpoint keeps of the teacher (dBOT: weights; MR-MAE: file hashes)
+# Method.encoder_class                 # the encoder alone (ViT, or MCMAE's ConvViT): what finetune.py builds
+# Method.flags                         # which of train.py's teacher/stage flags the method uses
+# Method.default_stages                # 1, except dBOT, which also implements
+# teacher = model.next_stage(teacher)  # at a stage boundary: the new teacher; the student re-initialises itself
 
 
 def get_args_parser():
@@ -102,6 +120,8 @@ def get_args_parser():
     group.add_argument('--accum_iter', default=1, type=flags.COUNT, help='micro-batches per optimizer step')
     group.add_argument('--blr', default=1.5e-4, type=flags.RATE, help='lr = blr * effective batch / 256')
     group.add_argument('--lr', default=None, type=flags.RATE, help='absolute lr; overrides --blr')
+    group.add_argument('--min_lr', default=0.0, type=flags.NONNEGATIVE,
+                       help='the lr the half-cosine ends at (MAE: 0; dBOT with a CLIP teacher: 1e-5)')
     group.add_argument('--weight_decay', default=0.05, type=flags.NONNEGATIVE)
     group.add_argument('--betas', default=[0.9, 0.95], type=flags.FRACTION, nargs=2,
                        help="AdamW's betas (MAE: 0.9 0.95)")
@@ -134,7 +154,7 @@ def get_args_parser():
 ON_RESUME = flags.OnResume(
     free=('data_dir', 'num_workers', 'device', 'compile', 'output_dir', 'resume', 'log_every', 'vis_every',
           'save_epochs'),
-    schedule=('epochs', 'stage_epochs', 'warmup_epochs', 'blr', 'lr', 'weight_decay', 'betas', 'opt_eps',
+    schedule=('epochs', 'stage_epochs', 'warmup_epochs', 'blr', 'lr', 'min_lr', 'weight_decay', 'betas', 'opt_eps',
               'clip_grad', 'skip_nonfinite', 'drop_path', 'precision'),
     position=('batch_size', 'accum_iter', 'seed', 'gpu_data', 'decode_on_device'))
 
@@ -173,7 +193,7 @@ def train_one_epoch(run, epoch):
     tally = EpochTally(run, epoch, first_step, position)
     stop_vote = runtime.StopVote(first_step, run.world_size)
     for step in range(first_step, run.steps_per_epoch):
-        lr = lr_at(step_in_stage + step, stage_steps, run.warmup_steps[run.stage], run.peak_lr)
+        lr = lr_at(step_in_stage + step, stage_steps, run.warmup_steps[run.stage], run.peak_lr, args.min_lr)
         for group in run.optimizer.param_groups:
             group['lr'] = lr
         loss, terms = accumulate_gradients(run, batches)  # sums over the step's micro-batches
@@ -271,8 +291,11 @@ def switch_stage(run):
     """A stage boundary (dBOT §3): the student becomes the frozen teacher and starts again from a fresh
     initialisation, identical on every rank."""
     run.stage += 1
+    before = [id(param) for param in run.raw_model.parameters()]
     run.teacher = run.raw_model.next_stage(run.teacher)
     runtime.broadcast_parameters(run.raw_model)
+    if [id(param) for param in run.raw_model.parameters()] != before:  # a new prediction head (a wider first teacher)
+        run.model = wrapped(run)  # DDP keeps a list of the parameters it reduces: give it the new ones
     # A fresh AdamW for the fresh student: the moments of the previous stage's converged network say nothing about
     # the new one's gradients (the official code keeps them; warmup makes the difference small).
     run.optimizer = build_optimizer(run.raw_model, run.args, run.peak_lr)
@@ -320,8 +343,15 @@ def warmup_steps(warmup_epochs, epochs, steps_per_epoch, announce=True):
     return steps
 
 
+def refuse_rising_lr(args, peak_lr, eff_batch):
+    """A --min_lr above the peak would turn the half-cosine's decay into a rise (train.py and finetune.py)."""
+    if args.min_lr > peak_lr:
+        runtime.fail(f'--min_lr {args.min_lr:g} is above the peak lr {peak_lr:.3g} (--blr {args.blr:g} x effective '
+                     f'batch {eff_batch} / 256, or --lr): give a smaller --min_lr')
+
+
 def lr_at(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
-    """Linear warmup, then half-cosine to min_lr (0 in pre-training), updated every optimizer step (MAE §A.1)."""
+    """Linear warmup, then half-cosine to min_lr, updated every optimizer step (MAE §A.1)."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -382,9 +412,7 @@ def set_up(args):
     # Training FLOPs per image, for MFU against the card's measured peak (counted again when a stage ends)
     run.peak_flops = flops.measured_peak_flops(run.device) if run.device.type == 'cuda' else None
     run.flops = flops_per_image(run.raw_model, run.teacher, args, run.device)
-    run.model = torch.compile(run.raw_model, mode=args.compile) if args.compile else run.raw_model
-    if run.world_size > 1:
-        run.model = DDP(run.model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+    run.model = wrapped(run)
 
     # A fixed batch and fixed masks, so that the PNGs of successive epochs are comparable.
     vis_ids = torch.linspace(0, len(run.images.vis_dataset) - 1, 8).long().tolist()
@@ -411,7 +439,16 @@ def build_model(run):
     run.teacher = teacher.to(run.device) if teacher is not None else None
     run.eff_batch = args.batch_size * args.accum_iter * run.world_size
     run.peak_lr = args.lr or args.blr * run.eff_batch / 256
+    refuse_rising_lr(args, run.peak_lr, run.eff_batch)
     run.optimizer = build_optimizer(run.raw_model, args, run.peak_lr)
+
+
+def wrapped(run):
+    """What the steps call: the model compiled (--compile) and, with several processes, in DDP."""
+    model = torch.compile(run.raw_model, mode=run.args.compile) if run.args.compile else run.raw_model
+    if run.world_size > 1:
+        model = DDP(model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+    return model
 
 
 def flops_per_image(model, teacher, args, device):
@@ -424,7 +461,9 @@ def flops_per_image(model, teacher, args, device):
 
 def announce(run):
     args = run.args
-    if args.teacher not in (None, 'random'):  # which file teaches, and which loss term belongs to which file
+    if run.stage:  # resumed past a stage switch: the file no longer teaches
+        print(f'teacher: the stage-{run.stage - 1} student (teacher-stage{run.stage}.pth)')
+    elif args.teacher not in (None, 'random'):  # which file teaches, and which loss term belongs to which file
         print(f'teacher: {args.teacher}' + ''.join(f'; loss_mimic_{name} <- {source["weights"]}'
                                                    for name, source in getattr(run.teacher, 'sources', {}).items()))
     n_params = sum(p.numel() for p in run.raw_model.parameters() if p.requires_grad)

@@ -20,10 +20,12 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+import checkpoints
 import data
 import flags
 import flops
@@ -262,6 +264,38 @@ TRAIN_FLAGS_USED = {
     'batch_size', 'device', 'precision', 'compile', 'data', 'data_dir', 'num_workers', 'gpu_data', 'decode_on_device'}
 
 
+def bench_checkpoint_stall(args, device, repeats=3):
+    """How long an epoch-end checkpoint holds up training: MAE's weights and AdamW's state after one step, written
+    by save_checkpoint as train.py did before (the caller waits for the write and its fsync), and submitted to
+    checkpoints.BackgroundWriter as it does now (the caller waits for the copy to host memory only). The best of
+    `repeats` each; the background writes are waited for between repeats, untimed."""
+    model = train.METHODS['mae'].from_args(args, None).to(device)
+    optimizer = train.build_optimizer(model, args, 1e-4)
+    imgs = torch.randn(2, 3, args.img_size, args.img_size, device=device)
+    train.forward_backward(model, None, imgs, args.mask_ratio, runtime.autocast_for(args, device))
+    optimizer.step()
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / 'checkpoint-last.pth'
+
+        def write(snapshot):
+            checkpoints.save_checkpoint(snapshot, path)
+
+        def timed(save):
+            synchronize(device)
+            start = time.perf_counter()
+            save()
+            seconds = time.perf_counter() - start
+            checkpoints.writer.wait()
+            return seconds
+
+        synchronous = min(timed(lambda: write(state)) for _ in range(repeats))
+        background = min(timed(lambda: checkpoints.writer.submit(write, state)) for _ in range(repeats))
+        size_mb = path.stat().st_size / 2 ** 20
+    return dict(measure='checkpoint_stall', model=args.model, device=str(device), checkpoint_mb=round(size_mb),
+                synchronous_s=round(synchronous, 3), background_s=round(background, 3))
+
+
 def get_args_parser():
     parser = train.get_args_parser()
     parser.prog = 'bench.py'
@@ -281,6 +315,9 @@ def get_args_parser():
                         help="after the timed steps, profile one more: its kernels and launches (GPU), its "
                              "operators, and the N that took the most time (GPU kernels' time; on a CPU, host time)")
     parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')
+    parser.add_argument('--checkpoint_stall', action='store_true',
+                        help='instead of the steps: how long an epoch-end checkpoint of the model holds up training, '
+                             'written synchronously (before) and in the background (now)')
     parser.add_argument('--suite', default=None, choices=sorted(SUITES),
                         help='gpu: the whole GPU table of docs/performance.md in one call (every method at ViT-B/16 '
                              'eager, MAE, HF ViTMAE and dBOT compiled, the small recipe, and with --data both loaders)')
@@ -320,6 +357,10 @@ def main():
     methods = check_args(args, parser)
     train.validate_args(args)
     device = torch.device(args.device)
+    if args.checkpoint_stall:
+        with runtime.stop_on_signals():
+            print(json.dumps(bench_checkpoint_stall(args, device)))
+        return
     rows = SUITES[args.suite] if args.suite else [(None, ','.join(methods + ['loader'] * bool(args.data)), {})]
     # a signal ends the benchmark at once, in one line (runtime.on_signal); the stand-ins go whatever happens
     with runtime.stop_on_signals(), tempfile.TemporaryDirectory() as standins:

@@ -8,6 +8,10 @@ that a restarted run continues where it stopped.
 import json
 import os
 import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import safetensors.torch
@@ -18,14 +22,28 @@ import runtime
 from teachers import load_weights_file
 
 
+UMASK = os.umask(0o022)  # read once (it can only be read by setting it), and put back
+os.umask(UMASK)
+
+# The layout of the checkpoints this code writes. A later layout (a newer version of this repository) is refused in
+# one line rather than misread.
+FORMAT = 1
+
+
 def save_checkpoint(state, path):
     """Write to a temp file, fsync, then rename: a kill during the save leaves the previous file intact. A failed
     write (a full disk) removes the temp file and ends the run in one line; the previous file still stands. A path
     ending in .safetensors (in any case: the name promises no pickle inside) gets that format (`state`: tensors
     only), any other torch.save's pickle."""
-    tmp = path.with_name(path.name + '.tmp')
+    if path.exists() and not path.is_file():  # a folder, a device node, a named pipe: not a file a run writes over
+        runtime.fail(f'{path} exists and is not a regular file: give another path')
+    state = dict(state, format=FORMAT) if isinstance(state, dict) and 'args' in state else state
+    # a temporary name of its own in the same folder (the rename stays atomic), never another file's
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    tmp = Path(tmp)
+    os.fchmod(descriptor, 0o666 & ~UMASK)  # as open() would have made it, not mkstemp's owner-only 0600
     try:
-        with open(tmp, 'wb') as f:
+        with os.fdopen(descriptor, 'wb') as f:
             if path.suffix.lower() == '.safetensors':
                 f.write(safetensors.torch.save({k: v.detach().contiguous() for k, v in state.items()}))
             else:
@@ -49,6 +67,10 @@ def load_checkpoint(path, required_keys=()):
     missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         runtime.fail(f'{path} is not a checkpoint of this script (it has no {", ".join(missing)})')
+    written = checkpoint.get('format', 0) if isinstance(checkpoint, dict) else 0
+    if not isinstance(written, int) or written > FORMAT:
+        runtime.fail(f'{path} was written by a newer version of this repository (checkpoint format '
+                     f'{written}; this code reads up to {FORMAT}): update the code')
     return checkpoint
 
 
@@ -60,8 +82,47 @@ def read_resumed(run, required, on_resume, identity):
     run.resume = Path(run.args.resume) if run.args.resume else run.out / 'checkpoint-last.pth'
     if run.args.resume or run.resume.exists():
         run.ckpt = load_checkpoint(run.resume, ('args', *required))
+        refuse_another_runs_folder(run, on_resume)
         on_resume.check(run.ckpt, run.args, identity, run.resume, run.is_main)
         run.last_row = run.ckpt.get('log_row')
+    refuse_differing_positions(run)
+
+
+def refuse_differing_positions(run):
+    """Every rank continues from the same position, or none does: ranks that read different checkpoints (an output
+    folder on each node's own disk) would otherwise wait for each other forever in different epochs."""
+    mine = (run.ckpt['epoch'], run.ckpt['step'], run.resume.stat().st_size) if run.ckpt else None
+    positions = runtime.gather_from_ranks(mine)
+    if len(set(positions)) > 1:
+        seen = '; '.join(f'rank {rank}: ' + (f'epoch {p[0]} step {p[1]}' if p else 'no checkpoint')
+                         for rank, p in enumerate(positions))
+        runtime.fail(f'the ranks found different checkpoints in --output_dir {run.out} ({seen}): the output folder '
+                     f'must be on a file system that every node sees (the same path on each)')
+
+
+def announce_world_size(run, steps_per_epoch):
+    """Between epochs a run may continue on another number of processes (a lost node, a larger allocation): its
+    effective batch, lr and steps per epoch change with it, and the run says so, as for a changed --batch_size (in
+    the middle of an epoch own_position refuses it)."""
+    before = run.ckpt.get('world_size') if run.ckpt else None
+    if run.is_main and before and before != run.world_size:
+        print(f'note: {run.resume} was trained on {before} process(es); this run continues on {run.world_size}: '
+              f'effective batch {run.eff_batch // run.world_size * before} -> {run.eff_batch}, peak lr '
+              f'{run.peak_lr / run.world_size * before:.3g} -> {run.peak_lr:.3g}, about '
+              f'{steps_per_epoch * run.world_size // before} -> {steps_per_epoch} steps per epoch')
+
+
+def refuse_another_runs_folder(run, on_resume):
+    """--resume FILE writes on into --output_dir: refused when the folder holds another run's checkpoint-last.pth,
+    which it would replace, and whose log it would splice with this one's. (The same run's earlier checkpoint, e.g.
+    checkpoint-epoch4.pth, may rewind it: the log is cut back to what that checkpoint covers.)"""
+    own = run.out / 'checkpoint-last.pth'
+    if not run.args.resume or not own.exists() or own.resolve() == run.resume.resolve():
+        return
+    if on_resume.saved_identity(load_checkpoint(own, ('args',))) != on_resume.saved_identity(run.ckpt):
+        runtime.fail(f'--output_dir {run.out} holds another run (its checkpoint-last.pth is not of the run in '
+                     f'--resume {run.resume}), which this one would overwrite: continue {run.resume} in an empty '
+                     f'--output_dir')
 
 
 def restore_training(run, model, optimizer):
@@ -96,9 +157,9 @@ def restore_log(log_path, covered, last_row=None):
     (`covered(row)` false: a run killed after logging) go; the checkpoint's own last row, lost if a run died between
     the two writes, comes back; a line that is no log row (a write cut short, a hand edit) is dropped with a warning."""
     rows = []
-    for number, line in enumerate(log_path.read_text().splitlines() if log_path.exists() else [], 1):
-        try:
-            row = json.loads(line)
+    for number, line in enumerate(log_path.read_bytes().splitlines() if log_path.exists() else [], 1):
+        try:  # a byte that is no UTF-8 (a disk error, an editor's encoding) makes a line no log row
+            row = json.loads(line.decode())
             keep = covered(row)
         except (ValueError, KeyError, TypeError):
             print(f'warning: dropping line {number} of {log_path}, not a log row: {line[:60]!r}', file=sys.stderr)
@@ -138,27 +199,86 @@ def epoch_start(run, epoch):
     return run.ckpt['step'], own_position(run.ckpt, run.rank, run.world_size, run.resume)
 
 
-def save_mid_epoch(run, state, epoch, steps_done, **sums):
+def save_mid_epoch(run, state, epoch, steps_done, why='by a signal', **sums):
     """A signal stops the run mid-epoch: `state` (weights, optimizer, flags, the last log row) and every rank's exact
     position (RNG states, partial sums) go into the checkpoint, which rank 0 writes; the same command continues."""
     positions = gather_positions(run.device, **sums)
+    writer.wait()  # an epoch's checkpoint still being written comes first
     if run.is_main:
         save_checkpoint(dict(state, epoch=epoch, step=steps_done, ranks=positions), run.out / 'checkpoint-last.pth')
-        print(f'\nstopped by a signal in epoch {epoch} after step {steps_done}; the same command continues from '
+        print(f'\nstopped {why} in epoch {epoch} after step {steps_done}; the same command continues from '
               f'{run.out / "checkpoint-last.pth"}')
     runtime.barrier()
+
+
+def stamp(run):
+    """What a log row says of when and at what cost it was written: the wall-clock time (UTC), the seconds since this
+    process started, and on a GPU the peak memory the run has held (the allocator's count: no device sync)."""
+    stamp = dict(time=datetime.now(timezone.utc).isoformat(timespec='seconds'),
+                 elapsed_s=round(time.time() - run.started, 1))
+    if run.device.type == 'cuda':
+        stamp['max_memory_gib'] = round(torch.cuda.max_memory_allocated(run.device) / 2 ** 30, 2)
+    return stamp
 
 
 def save_epoch(run, state, epoch, also=()):
     """The end of an epoch, whose log row is run.last_row: the checkpoint first, holding that row, then the row in
     log.jsonl, so that the log never shows an epoch no checkpoint covers (and a run killed between the two writes
-    gets the row back). `also`: further files that keep this checkpoint (the best, ...)."""
-    state, row = dict(state, epoch=epoch + 1, step=0), run.last_row
+    gets the row back). `also`: further files that keep this checkpoint (the best, ...). Rank 0 writes them in the
+    background (BackgroundWriter): training goes on meanwhile."""
+    run.last_row = row = dict(run.last_row, **stamp(run))
+    state = dict(state, epoch=epoch + 1, step=0, log_row=row)
     if run.is_main:
-        for path in also:
-            save_checkpoint(state, path)
-        save_checkpoint(state, run.out / 'checkpoint-last.pth')
-        with open(run.out / 'log.jsonl', 'a') as f:
-            f.write(json.dumps(row) + '\n')
+        def write(state):
+            for path in (*also, run.out / 'checkpoint-last.pth'):
+                save_checkpoint(state, path)
+            with open(run.out / 'log.jsonl', 'a') as f:
+                f.write(json.dumps(row) + '\n')
+        writer.submit(write, state)
         tqdm.write(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
     runtime.barrier()
+
+
+class BackgroundWriter:
+    """Epoch-end checkpoints off the critical path: the state is copied to host memory (the copy is the only wait:
+    a GPU-to-host transfer, or a memory copy on a CPU), then a thread writes and fsyncs the files while training
+    goes on. One write at a time: the next save, a signal's save and the end of the run wait for the one in
+    flight, and an error in it (a full disk) ends the run there, in its one line. The previous checkpoint stays
+    intact until the new one is complete (save_checkpoint's rename); a kill mid-write leaves the previous one."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def submit(self, write, state):
+        self.wait()
+        snapshot = host_copy(state)
+        self.thread = threading.Thread(target=self.run, args=(write, snapshot), daemon=True)
+        self.thread.start()
+
+    def run(self, write, snapshot):
+        try:
+            write(snapshot)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread at its next wait
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+writer = BackgroundWriter()
+
+
+def host_copy(value):
+    """A copy of a checkpoint's state whose tensors live in host memory and share nothing with the training's."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to('cpu', copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item) for item in value)
+    return value

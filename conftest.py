@@ -23,3 +23,21 @@ def make_image_folder(root, classes=2, per_class=8, size=40, seed=0):
 @pytest.fixture(scope='session')
 def image_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('images'))
+
+
+def for_mode(argv):
+    """finetune.py flags shared by a test's cases, without the training schedule when --mode knn trains nothing
+    (finetune.py refuses flags its mode does not read)."""
+    argv = [str(arg) for arg in argv]
+    modes = [value for flag, value in zip(argv, argv[1:]) if flag == '--mode']
+    if modes[-1:] != ['knn']:
+        return argv
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ('--epochs', '--warmup_epochs'):
+            skip = True
+        else:
+            kept.append(arg)
+    return kept

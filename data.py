@@ -6,9 +6,11 @@ augmentation on the device (--decode_on_device), and a small data set decoded on
 """
 
 import bisect
+import hashlib
 import io
 import itertools
 import os
+import re
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -21,7 +23,6 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import has_file_allowed_extension
 
 import device_augment
 import runtime
@@ -68,29 +69,66 @@ def eval_transform(img_size):
 
 
 def load_rgb(path):
-    """An image file as 8-bit RGB. PIL's convert('RGB') clips 16-bit greyscale (modes I;16 and I) to white: scale
-    those to 8 bits first."""
+    """An image file (or file-like object) as 8-bit RGB. PIL's convert('RGB') clips 16-bit greyscale (modes I;16 and
+    I) to white: scale those to 8 bits first."""
+    if isinstance(path, (str, os.PathLike)):
+        refuse_irregular(path)
     with Image.open(path) as img:
         if img.mode.startswith('I'):
             img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8))
         return img.convert('RGB')
 
 
-# What PIL raises for a file it cannot read: unidentified or truncated (OSError), malformed (SyntaxError), or more
-# than twice Image.MAX_IMAGE_PIXELS, a decompression bomb that would fill the memory (DecompressionBombError)
-UNREADABLE = (OSError, SyntaxError, Image.DecompressionBombError)
+# An image that cannot be decoded, whatever the decoder raised: unidentified or truncated (OSError), malformed
+# (SyntaxError), a decompression bomb (DecompressionBombError, beyond twice Image.MAX_IMAGE_PIXELS), a PNG text chunk
+# or a PPM maxval beyond what PIL takes (ValueError), ... Only the decoding is guarded: an augmentation that fails is
+# a bug to report, not a file to skip.
+UNREADABLE = Exception
 NO_BOX = (0, 0, 0, 0, 0)  # the crop box of a file whose header cannot be read (--decode_on_device)
+
+# File names that are image formats PIL can open (.jpg, .png, .gif, .jfif, .webp, .tif, ...), lower case.
+IMAGE_EXTENSIONS = frozenset(ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN)
+# What operating systems, NAS boxes and archivers add to folders, never a class or an image: hidden names (macOS
+# .DS_Store and ._ files, .Trash) and these folders. Only these: a class may well be called __background__ or #2.
+NOT_DATA_FOLDERS = frozenset({'@eaDir', '__MACOSX', '#recycle', '#snapshot', '$RECYCLE.BIN', 'System Volume Information',
+                              'lost+found'})
+
+
+def is_data_name(name):
+    return not name.startswith('.') and name not in NOT_DATA_FOLDERS
+
+
+def is_image_file(path):
+    """An image of the data set by its name: an extension PIL opens, not an operating system's hidden file. (Whether
+    it is a regular file is asked when it is read, refuse_irregular: a stat per file here would cost minutes on a
+    network file system.)"""
+    name = os.path.basename(path)
+    return is_data_name(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def refuse_irregular(path):
+    """A named pipe, a socket or a device under an image's name would block its reader (through Ctrl-C) or stream
+    forever: it is an unreadable file."""
+    if not os.path.isfile(path):
+        raise OSError('not a regular file (a named pipe, a socket or a device?)')
 
 
 class ImageFolderSkippingBroken(datasets.ImageFolder):
-    """An ImageFolder that replaces an unreadable image (corrupt, truncated, a decompression bomb) by the next readable
-    one, with a warning naming the file. Which files failed lives in shared memory, one flag per file, so that each
-    is counted once per epoch however many times and in whichever loader worker it was tried, and the count reaches
-    log.jsonl. Its files are listed once each (make_dataset)."""
+    """An ImageFolder that replaces an unreadable image (corrupt, truncated, a decompression bomb, anything its
+    decoder refuses) by the next readable one, with a warning naming the file: for training, where a stand-in costs
+    nothing. Which files failed lives in shared memory, one flag per file, so that each is counted once per epoch
+    however many times and in whichever loader worker it was tried, and the count reaches log.jsonl. Its files are
+    listed once each (make_dataset); folders and files that are not data (is_data_name) are left out."""
 
     def __init__(self, root, transform):
         super().__init__(root, transform=transform, loader=load_rgb)
         self.unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def find_classes(self, directory):
+        classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and is_data_name(entry.name))
+        if not classes:
+            raise FileNotFoundError(f'no class folders in {directory}')
+        return classes, {name: i for i, name in enumerate(classes)}
 
     def __getitem__(self, key):
         """key: an index, or (index, seeds) from ImageSeeds: the image's augmentation then draws from its own seeds."""
@@ -101,43 +139,132 @@ class ImageFolderSkippingBroken(datasets.ImageFolder):
     def first_readable(self, index):
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
-            if self.unreadable[i]:  # known since the epoch began: counted and reported once
-                continue
-            try:
-                return super().__getitem__(i)
-            except UNREADABLE as e:
-                self.skip(i, e)
+            image = self.decoded(i)
+            if image is not None:
+                return self.transform(image) if self.transform else image, self.targets[i]
         raise NoReadableImage(f'no readable image in {self.root}: every file failed to decode')
+
+    def decoded(self, index):
+        """The image file `index` decoded, or None when it cannot be (counted and reported once)."""
+        if self.unreadable[index]:  # known since the epoch began
+            return None
+        try:
+            return self.loader(self.samples[index][0])
+        except UNREADABLE as e:
+            self.skip(index, e)
+            return None
 
     def skip(self, index, error):
         self.unreadable[index] = True
         # on a line of its own, not glued to the progress bar's
-        print(f'\nwarning: skipping unreadable image {self.samples[index][0]} ({error})', file=sys.stderr)
+        print(f'\nwarning: skipping unreadable image {self.samples[index][0]} ({type(error).__name__}: '
+              f'{" ".join(str(error).split())[:200]})', file=sys.stderr)
 
-    @staticmethod
-    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        """Every image file of every class folder, in torchvision's order, symbolic links followed; a folder or a
-        file reached a second time, by a link that loops or that shows images again under another class or name, is
-        refused in one line: its images would count twice, or under another class's label."""
-        reached, samples, linked, empty = {os.path.realpath(directory): directory}, [], [], []
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """Every image file (is_image_file) of every class folder, in torchvision's order, symbolic links followed;
+        a folder or a file reached a second time, by a link that loops or that shows images again under another
+        class or name, is refused in one line: its images would count twice, or under another class's label. Files
+        that are no image PIL opens are left out, and counted in one note by their extensions."""
+        reached, samples, linked, empty, others = {os.path.realpath(directory): directory}, [], [], [], {}
         for name, label in sorted(class_to_idx.items()):
             listed = len(samples)
             for folder, subfolders, files in os.walk(os.path.join(directory, name), followlinks=True):
                 refuse_reached_twice(folder, os.path.realpath(folder), reached, directory)
-                subfolders.sort()
+                subfolders[:] = sorted(sub for sub in subfolders if is_data_name(sub))
                 for file in sorted(files):
                     path = os.path.join(folder, file)
-                    if has_file_allowed_extension(file, extensions) if is_valid_file is None else is_valid_file(path):
-                        linked += [path] if os.path.islink(path) else []
-                        samples.append((path, label))
+                    if not is_image_file(path):
+                        kind = os.path.splitext(file)[1].lower() or file
+                        others[kind] = others.get(kind, 0) + is_data_name(file)
+                        continue
+                    linked += [path] if os.path.islink(path) else []
+                    samples.append((path, label))
             empty += [name] if len(samples) == listed else []
         for path in linked:  # a linked file is an alias when its target is listed too, by another link or its folder
             target = os.path.realpath(path)
             refuse_reached_twice(path, os.path.dirname(target) if os.path.dirname(target) in reached else target,
                                  reached, directory)
+        self.reached = set(reached)  # every folder and linked file, resolved: what refuse_shared_images compares
+        others = {kind: count for kind, count in others.items() if count}  # hidden files go without a word
+        if others:
+            print(f'note: {directory}: {sum(others.values())} file(s) that are no image PIL opens are not used ('
+                  + ', '.join(f'{kind} x{count}' for kind, count in sorted(others.items())[:8]) + ')', file=sys.stderr)
         if empty and not allow_empty:  # as torchvision says it (build_dataset reports it in one line)
             raise FileNotFoundError(f'Found no valid file for the classes {", ".join(empty)}')
         return samples
+
+
+class EvaluationImageFolder(ImageFolderSkippingBroken):
+    """For evaluation (validation, k-NN, frozen features): an unreadable image is left out, not replaced by another
+    one, so that every number counts each readable image exactly once. Its item is None; without_unreadable, the
+    loader's collate_fn, drops it, and the caller counts what it scored."""
+
+    def first_readable(self, index):
+        image = self.decoded(index)
+        return None if image is None else (self.transform(image) if self.transform else image, self.targets[index])
+
+
+def unreadable(dataset):
+    """Which files of `dataset` could not be decoded (one flag per file; none in a built-in data set such as CIFAR)."""
+    return dataset.unreadable if hasattr(dataset, 'unreadable') else torch.zeros(len(dataset), dtype=torch.bool)
+
+
+def without_unreadable(batch):
+    """collate_fn of an EvaluationImageFolder: the batch without its unreadable images (None when none is left)."""
+    batch = [item for item in batch if item is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
+def evaluation_loader(dataset, batch_size, num_workers, rank=0, world_size=1, persistent=False):
+    """Every readable image of an evaluation set (an EvaluationImageFolder) exactly once over all ranks (Shard: no
+    padding), in the set's order within each rank's shard; batches without the unreadable ones (or None).
+    persistent: workers started once, for a loader read every epoch."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, sampler=Shard(len(dataset), rank,
+                      world_size), collate_fn=without_unreadable, worker_init_fn=runtime.ignore_stop_signals,
+                      persistent_workers=persistent and num_workers > 0)
+
+
+def fingerprint(dataset, with_sizes=False):
+    """What a data set holds, for what must change when it does (a resumed run's identity, a features cache's key):
+    its classes and its files' names relative to its root, with_sizes also each file's size and modification time
+    (a file replaced in place; a stat per file, so only where one pass over the files is cheap beside the work).
+    -> a SHA-256 hex digest; a built-in data set (CIFAR) is named by its class."""
+    if not hasattr(dataset, 'samples'):
+        return type(dataset).__name__
+    digest = hashlib.sha256('\0'.join(dataset.classes).encode() + b'\1')
+    for path, label in dataset.samples:
+        digest.update(os.fsencode(os.path.relpath(path, dataset.root)) + f'\0{label}\0'.encode())
+        if with_sizes:
+            stat = os.stat(path)
+            digest.update(f'{stat.st_size}\0{stat.st_mtime_ns}\0'.encode())
+    return digest.hexdigest()
+
+
+class Shard(torch.utils.data.Sampler):
+    """Every world_size-th index from `rank` on: each image on exactly one rank, none repeated (DistributedSampler
+    pads the last shard with repeats, which an evaluation would count twice). Shards differ by at most one image."""
+
+    def __init__(self, length, rank=0, world_size=1):
+        self.indices = range(rank, length, world_size)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def refuse_shared_images(train_set, val_set):
+    """Images that a link shows in both splits (val/class_0 -> ../train/class_0, or one file linked into both) would
+    be evaluated on what was trained on: refused in one line."""
+    if not hasattr(train_set, 'reached') or val_set is None:
+        return
+    def within(a, b):
+        return next((path for path in a.reached if path in b.reached or os.path.dirname(path) in b.reached), None)
+    shared = within(val_set, train_set) or within(train_set, val_set)
+    if shared:
+        runtime.fail(f'--data: {shared} is reached from both {train_set.root} and {val_set.root} (a symbolic link): '
+                     f'the validation images would be trained on; give each split its own images')
 
 
 def refuse_reached_twice(path, real, reached, root):
@@ -145,6 +272,20 @@ def refuse_reached_twice(path, real, reached, root):
         runtime.fail(f'--data: {path} in {root} leads to {reached[real]} again (a symbolic link that loops, or that '
                      f'shows images a second time under another class or name): remove the link')
     reached[real] = path
+
+
+class LoaderWorkerDied(RuntimeError):
+    """A loader worker process ended without a word (the kernel's out-of-memory killer, a kill): the DataLoader's
+    RuntimeError, told apart from errors in the data."""
+
+
+def next_batch(batches):
+    try:
+        return next(batches)
+    except RuntimeError as e:
+        if 'DataLoader worker (pid' in str(e):
+            raise LoaderWorkerDied(' '.join(str(e).split())) from None
+        raise
 
 
 class NoReadableImage(RuntimeError):
@@ -166,13 +307,29 @@ class ImageFileBytes(ImageFolderSkippingBroken):
     def __getitem__(self, key):  # key: (index, seeds) from ImageSeeds
         index, seeds = key
         path, label = self.samples[index]
+        try:
+            refuse_irregular(path)
+        except OSError as e:  # no bytes: the main process decodes nothing, and says nothing
+            self.skip(index, e)
+            return torch.zeros(0, dtype=torch.uint8), label, index, NO_BOX, seeds
         data = np.fromfile(path, dtype=np.uint8)
         try:
             with Image.open(io.BytesIO(data)) as header:  # reads the header only
+                refuse_decompression_bomb(header.size)  # as PIL's decoder would: the device's does not
                 box = crop_box(header, seeds)
+        except Image.DecompressionBombError as e:  # no bytes: the main process decodes nothing, and says nothing
+            self.skip(index, e)
+            data, box = data[:0], NO_BOX
         except UNREADABLE:
             box = NO_BOX  # the main process finds the file unreadable, or draws the box from what it decodes
         return torch.from_numpy(data), label, index, box, seeds
+
+
+def refuse_decompression_bomb(size):
+    """PIL's limit (twice Image.MAX_IMAGE_PIXELS), for decoders that have none."""
+    if Image.MAX_IMAGE_PIXELS and size[0] * size[1] > 2 * Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(f'{size[0]} x {size[1]} pixels, beyond twice PIL\'s limit of '
+                                           f'{Image.MAX_IMAGE_PIXELS}: a decompression bomb')
 
 
 def crop_box(image, seeds):
@@ -229,6 +386,8 @@ class DecodedOnDevice(NormalizedOnDevice):
             return [self.decode_one(bytes_, index) for bytes_, index in zip(data, indices)]
 
     def decode_one(self, data, index):
+        if self.dataset.unreadable[index]:  # a decompression bomb or no file, reported by the worker that read it
+            return None
         try:
             return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
         except RuntimeError:
@@ -321,18 +480,49 @@ def build_dataset(args, split, transform, folder_class=None):
     root = Path(args.data)
     if not root.is_dir():
         runtime.fail(f'--data {root}: no such folder (expected cifar10, cifar100, or an ImageFolder root)')
-    folder = root / split
-    if not folder.is_dir():
+    folders = split_folders(root)
+    if split not in folders:
         if split != 'train':
             return None
-        if (root / 'val').is_dir():
-            runtime.fail(f'--data {root} holds val/ but no train/: training on the validation images would make '
-                         f'every later evaluation meaningless; add train/')
-        folder = root  # a plain folder of class sub-folders
+        if folders:
+            runtime.fail(f'--data {root} holds {"/, ".join(path.name for path in folders.values())}/ but no train/ '
+                         f'(or training/): training on the validation images would make every later evaluation '
+                         f'meaningless; add train/')
+    if not folders and split_of(root.resolve().name) == 'val':
+        runtime.fail(f'--data {root} is a validation split: training on it would make every later evaluation '
+                     f'meaningless; give the folder that holds train/ and val/')
+    folder = folders.get(split, root)  # no split folders: a plain folder of class sub-folders, for training
+    dataset_class = folder_class or (ImageFolderSkippingBroken if split == 'train' else EvaluationImageFolder)
     try:
-        return (folder_class or ImageFolderSkippingBroken)(folder, transform=transform)
+        return dataset_class(folder, transform=transform)
     except (FileNotFoundError, OSError) as e:
         runtime.fail(f'--data {root}: no images found in {folder} ({e})')
+
+
+# The folder names that mean a split of a data set, in any case (train/, Train/, training/; val/, Validation/, ...):
+# a root holding one of them is a root of splits, never a folder whose classes are all trained on.
+SPLIT_NAMES = {'train': ('train', 'training'), 'val': ('val', 'valid', 'validation')}
+
+
+def split_of(name):
+    """The split a folder's name means, read as a user writes it: any case, digits and punctuation aside ('Train',
+    'train2017', 'Val.', 'validation ') -> 'train', 'val' or None."""
+    letters = re.sub('[^a-z]', '', name.lower())
+    return next((split for split, names in SPLIT_NAMES.items() if letters in names), None)
+
+
+def split_folders(root):
+    """{'train': folder, 'val': folder} of the split folders under root (none: root is a folder of classes); two
+    folders of one split (train/ and Training/) are refused, as either could be meant."""
+    folders = {}
+    for entry in sorted(os.scandir(root), key=lambda entry: entry.name):
+        split = split_of(entry.name)
+        if split and entry.is_dir():
+            if split in folders:
+                runtime.fail(f'--data {root} holds both {folders[split].name}/ and {entry.name}/ as its {split} '
+                             f'split: keep one')
+            folders[split] = Path(entry.path)
+    return folders
 
 
 @contextmanager
@@ -345,6 +535,10 @@ def loader_errors_in_one_line():
         last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         if isinstance(e, NoReadableImage):  # in the main process, or from a worker
             runtime.fail(last.removeprefix('NoReadableImage: '))
+        if isinstance(e, LoaderWorkerDied) or 'DataLoader worker (pid' in str(e):
+            runtime.fail(f'a data loader worker died ({last}): out of memory, or killed? The last checkpoint is '
+                         f'intact and the same command continues from it (fewer --num_workers, or a smaller '
+                         f'--batch_size, if memory ran out)')
         if 'in DataLoader worker process' not in str(e):
             raise
         runtime.fail(f'a data loader worker failed: {last}; check the data and the augmentation flags (with '
@@ -378,6 +572,7 @@ def build_training_images(args, rank, world_size, device):
     dataset = build_dataset(args, 'train', pretrain_transform(args.img_size),
                             ImageFileBytes if args.decode_on_device else ImageFolderSkippingBroken)
     vis_dataset = build_dataset(args, 'train', eval_transform(args.img_size))
+    refuse_shared_images(dataset, build_dataset(args, 'val', None))
     if rank == 0:
         runtime.barrier()
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)

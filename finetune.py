@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoints
@@ -47,7 +48,7 @@ from teachers import build_conv_vit, build_vit, read_encoder_state_dict, resize_
 MODE_DEFAULTS = {
     'finetune': dict(epochs=100, warmup_epochs=5, blr=5e-4, weight_decay=0.05, head_init_std=2e-5),
     'linprobe': dict(epochs=90, warmup_epochs=10, blr=0.1, weight_decay=0.0, head_init_std=0.01),
-    # k-NN and the classifier on cached features train no Classifier head: its init is the linear probe's, unused
+    # k-NN trains no head; --mode frozen's classifier on cached features starts as the linear probe's
     'knn': dict(epochs=0, warmup_epochs=0, blr=0.0, weight_decay=0.0, head_init_std=0.01),
     'frozen': dict(epochs=90, warmup_epochs=10, blr=0.1, weight_decay=0.0, head_init_std=0.01),  # SGD on the features
 }
@@ -66,8 +67,8 @@ def get_args_parser():
     parser.add_argument('--method', default='mae', choices=sorted(train.METHODS),
                         help='--checkpoint none: whose encoder to build (mcmae/mrmcmae: the hybrid)')
     parser.add_argument('--model', default=None, choices=sorted(VIT_SIZES))
-    parser.add_argument('--patch_size', default=None, type=flags.COUNT)
-    parser.add_argument('--img_size', default=None, type=flags.COUNT, help='default: the pre-training size; '
+    parser.add_argument('--patch_size', default=None, type=flags.PIXELS)
+    parser.add_argument('--img_size', default=None, type=flags.PIXELS, help='default: the pre-training size; '
                         'a different one resamples the position embedding (bicubic)')
     parser.add_argument('--nb_classes', default=None, type=flags.Range(int, 2, 2 ** 31 - 1),
                         help='default: inferred from the data')
@@ -95,7 +96,7 @@ def get_args_parser():
     parser.add_argument('--mixup', default=0.8, type=flags.NONNEGATIVE)
     parser.add_argument('--cutmix', default=1.0, type=flags.NONNEGATIVE)
     parser.add_argument('--smoothing', default=0.1, type=flags.FRACTION)
-    parser.add_argument('--crop_pct', default=224 / 256, type=flags.Range(float, 0, 1, open_low=True),
+    parser.add_argument('--crop_pct', default=224 / 256, type=flags.Range(float, 0.05, 1),
                         help='evaluation centre crop (1.0 for tiny images)')
     # linear probe and k-NN
     parser.add_argument('--pool', default=None, choices=['cls', 'mean'],
@@ -118,12 +119,22 @@ def get_args_parser():
 
 
 # What each flag may change when a run resumes (flags.OnResume): a flag named nowhere here is the run's identity.
+# --num_workers is free: every image augments from its own seeds (data.ImageSeeds), whichever worker decodes it.
 ON_RESUME = flags.OnResume(
-    free=('data_dir', 'device', 'output_dir', 'resume', 'export_timm', 'knn_k', 'knn_t',
+    free=('data_dir', 'num_workers', 'device', 'output_dir', 'resume', 'export_timm', 'knn_k', 'knn_t',
           'head_init_std'),  # the head's initial weights: a resumed run has trained its head already
     schedule=('epochs', 'warmup_epochs', 'blr', 'lr', 'min_lr', 'weight_decay', 'layer_decay', 'drop_path',
               'clip_grad', 'aa', 'reprob', 'mixup', 'cutmix', 'smoothing', 'crop_pct', 'precision'),
-    position=('batch_size', 'seed', 'num_workers'))
+    position=('batch_size', 'seed'))
+
+# Flags that only some modes read; every other flag applies in every mode. Given in another mode, one is refused.
+TRAINED = ('finetune', 'linprobe', 'frozen')  # the modes that train a classifier
+MODE_FLAGS = dict(
+    epochs=TRAINED, warmup_epochs=TRAINED, blr=TRAINED, lr=TRAINED, min_lr=TRAINED, weight_decay=TRAINED,
+    head_init_std=TRAINED, seed=TRAINED, nb_classes=TRAINED, clip_grad=('finetune', 'linprobe'), resume=('finetune', 'linprobe'),
+    layer_decay=('finetune',), drop_path=('finetune',), aa=('finetune',), reprob=('finetune',), mixup=('finetune',),
+    cutmix=('finetune',), smoothing=('finetune',),
+    pool=('linprobe', 'knn', 'frozen'), knn_k=('knn', 'frozen'), knn_t=('knn', 'frozen'))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -179,7 +190,7 @@ def train_one_epoch(run, epoch):
         runtime.restore_rng_states(position['rng_state'], device)
     stop_vote = runtime.StopVote(first_step, run.world_size)
     progress = tqdm(batches, desc=f'epoch {epoch}', initial=first_step, total=run.steps_per_epoch,
-                    disable=not run.is_main)
+                    disable=not run.is_main or not runtime.in_a_terminal())
     for step, (imgs, labels) in enumerate(progress, start=first_step):
         lr = train.lr_at(epoch * run.steps_per_epoch + step, total_steps, run.warmup_steps, run.peak_lr, args.min_lr)
         for group in run.optimizer.param_groups:
@@ -196,7 +207,11 @@ def train_one_epoch(run, epoch):
         run.optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
         if (step + 1) % 50 == 0 or step + 1 == run.steps_per_epoch:  # a host sync: only now and then
-            progress.set_postfix(loss=f'{loss_sum.item() / (step + 1):.4f}', lr=f'{lr:.2e}')
+            postfix = dict(loss=f'{loss_sum.item() / (step + 1):.4f}', lr=f'{lr:.2e}')
+            progress.set_postfix(postfix)
+            if run.is_main and progress.disable:  # a log file: one line per log point
+                print(f'epoch {epoch} step {step + 1}/{run.steps_per_epoch}: '
+                      + ' '.join(f'{k}={v}' for k, v in postfix.items()), file=sys.stderr, flush=True)
         if stop_vote.stops_after(step, run.steps_per_epoch):  # checkpoint, exit 0
             checkpoints.save_mid_epoch(run, run_state(run), epoch, step + 1, loss_sum=loss_sum)
             return None
@@ -206,7 +221,7 @@ def train_one_epoch(run, epoch):
     seconds = time.perf_counter() - epoch_start
     return dict(epoch=epoch, train_loss=train_loss, lr=lr,
                 img_per_s=round((run.steps_per_epoch - first_step) * run.eff_batch / seconds, 1),
-                **evaluate(run.model, run.val_loader, device, run.autocast))
+                **evaluate(run.raw_model, run.val_loader, device, run.autocast))
 
 
 def end_epoch(run, epoch, row):
@@ -220,7 +235,7 @@ def end_epoch(run, epoch, row):
 def run_state(run):
     """What a checkpoint holds besides its position: weights, optimizer, the best top-1 so far, flags and log row."""
     return dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), best_acc1=run.best_acc1,
-                args=vars(run.args), identity=run.identity, log_row=run.last_row)
+                args=vars(run.args), identity=run.identity, world_size=run.world_size, log_row=run.last_row)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -228,14 +243,19 @@ def run_state(run):
 
 def evaluate_frozen(run):
     """--mode knn (k-NN) and --mode frozen (k-NN and a linear classifier on the same cached features): no training of
-    the encoder, one process; the result names the k it really used."""
+    the encoder. Under several processes each rank extracts its shard's features; rank 0 votes, trains the classifier
+    and reports. The result names the k it really used and the images it counted."""
     args = run.args
-    if run.world_size > 1:
-        runtime.fail(f'--mode {args.mode} runs in one process (it trains no encoder)')
-    k = min(args.knn_k, len(run.train_set))
+    if (run.out / 'checkpoint-last.pth').exists():  # a training run's folder, whose log a resume would rewrite
+        runtime.fail(f'--output_dir {run.out} holds a training run (checkpoint-last.pth): give --mode {args.mode} a '
+                     f'folder of its own')
     start = time.perf_counter()
-    train_x, train_y, val_x, val_y = cached_features(run)
-    row = dict(mode=args.mode, k=k, checkpoint=args.checkpoint,
+    features = cached_features(run)
+    if not run.is_main:
+        return
+    train_x, train_y, val_x, val_y = features
+    k = min(args.knn_k, len(train_x))
+    row = dict(mode=args.mode, k=k, checkpoint=args.checkpoint, train_images=len(train_x), val_images=len(val_x),
                **frozen.knn_evaluate(train_x, train_y, val_x, val_y, run.num_classes, k, args.knn_t))
     if args.mode == 'frozen':
         linear = frozen.linear_on_features(train_x, train_y, val_x, val_y, run.num_classes, args)
@@ -245,9 +265,11 @@ def evaluate_frozen(run):
     with open(run.out / 'log.jsonl', 'a') as f:
         f.write(json.dumps(row) + '\n')
     fewer = f', all {k} training images: fewer than --knn_k {args.knn_k}' if k < args.knn_k else ''
+    left_out = sum(int(data.unreadable(dataset).sum()) for dataset in (run.train_set, run.val_set))
+    counted = f' ({left_out} unreadable image(s) left out, named above)' if left_out else ''
     knn_acc1, knn_acc5 = row.get('knn_acc1', row.get('val_acc1')), row.get('knn_acc5', row.get('val_acc5'))
-    print(f'k-NN (k={k}{fewer}) of {args.method}/{args.model} from {args.checkpoint}: '
-          f'top-1 {knn_acc1:.2f}%, top-5 {knn_acc5:.2f}%')
+    print(f'k-NN (k={k}{fewer}) of {args.method}/{args.model} from {args.checkpoint}, {len(val_x)} validation '
+          f'images{counted}: top-1 {knn_acc1:.2f}%, top-5 {knn_acc5:.2f}%')
     if args.mode == 'frozen':
         print(f'linear classifier on the cached features ({args.epochs} epochs): top-1 {row["linear_acc1"]:.2f}%, '
               f'top-5 {row["linear_acc5"]:.2f}%')
@@ -257,19 +279,26 @@ def evaluate_frozen(run):
 
 def cached_features(run):
     """frozen.cached_features, keyed by what the features are of: the checkpoint's content, the architecture, the
-    pooling, the data, the image size and crop (not the mode: k-NN and the linear classifier read the same ones)."""
+    pooling, the data's files (names, sizes, times: images added or replaced make new features), the image size and
+    crop (not the mode: k-NN and the linear classifier read the same ones)."""
     key = {name: value for name, value in run_identity(run.args).items() if name != 'mode'}
-    return frozen.cached_features(run.model, run.train_set, run.val_set, dict(key, crop_pct=run.args.crop_pct),
-                                 run.out / 'features.pt', run.args, run.device)
+    key.update(crop_pct=run.args.crop_pct, precision=run.args.precision,
+               train_files=data.fingerprint(run.train_set, with_sizes=True),
+               val_files=data.fingerprint(run.val_set, with_sizes=True))
+    return frozen.cached_features(run.model, run.train_set, run.val_set, key, run.out / 'features.pt', run)
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, autocast):
-    """Cross-entropy, top-1 and top-5 accuracy (%), summed over all ranks."""
+    """Cross-entropy, top-1 and top-5 accuracy (%) over every readable validation image, each counted once (summed
+    over all ranks), and how many they were. `model`: the classifier itself, not its DDP wrapper: shards may differ by
+    a batch, and an evaluation needs no collective but the sum."""
     model.eval()
     sums = torch.zeros(4, device=device)  # loss, top-1, top-5, count
-    for imgs, labels in loader:
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in loader:
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        imgs, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         with autocast:
             logits = model(imgs)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -279,7 +308,10 @@ def evaluate(model, loader, device, autocast):
     if dist.is_initialized():
         dist.all_reduce(sums)
     loss, top1, top5, count = sums.tolist()
-    return dict(val_loss=loss / count, val_acc1=100 * top1 / count, val_acc5=100 * top5 / count)
+    if not count:
+        runtime.fail('no validation image could be read: every file of val/ failed to decode')
+    return dict(val_loss=loss / count, val_acc1=100 * top1 / count, val_acc5=100 * top5 / count,
+                val_images=int(count))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -467,10 +499,13 @@ def build_data(run):
         train_tf = create_transform(args.img_size, is_training=True, color_jitter=None, **mean_std)
     else:
         train_tf = eval_tf
-    run.train_set = data.build_dataset(args, 'train', train_tf)
+    # frozen features leave an unreadable training image out of the k-NN bank; training replaces it by another
+    frozen_features = data.EvaluationImageFolder if args.mode in ('knn', 'frozen') else None
+    run.train_set = data.build_dataset(args, 'train', train_tf, frozen_features)
     run.val_set = data.build_dataset(args, 'val', eval_tf)
     if run.val_set is None:
         runtime.fail(f'--data {args.data}: no val/ folder to evaluate on')
+    data.refuse_shared_images(run.train_set, run.val_set)
     classes, val_classes = run.train_set.classes, run.val_set.classes
     if val_classes != classes:
         missing, extra = sorted(set(classes) - set(val_classes))[:3], sorted(set(val_classes) - set(classes))[:3]
@@ -488,13 +523,14 @@ def set_up_training(run):
     args, device = run.args, run.device
     run.sampler = data.ResumableSampler(run.train_set, num_replicas=run.world_size, rank=run.rank, shuffle=True,
                                          seed=args.seed)
-    run.loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=run.sampler,
+    # Every image augments from its own seeds (--seed, epoch, index), as in train.py: the draws do not depend on
+    # which loader worker decodes it, so --num_workers changes nothing the run computes. Workers start once (not a
+    # fork per epoch while the previous epoch's checkpoint is still being written by a thread).
+    run.loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=data.ImageSeeds(run.sampler, args.seed),
                             num_workers=args.num_workers, pin_memory=device.type == 'cuda', drop_last=True,
-                            worker_init_fn=runtime.ignore_stop_signals)
-    # Evaluation shards the validation set; DistributedSampler pads the last shard by repeating a few images.
-    run.val_loader = DataLoader(run.val_set, batch_size=args.batch_size, num_workers=args.num_workers,
-                                worker_init_fn=runtime.ignore_stop_signals,
-                                sampler=DistributedSampler(run.val_set, run.world_size, run.rank, shuffle=False))
+                            worker_init_fn=runtime.ignore_stop_signals, persistent_workers=args.num_workers > 0)
+    run.val_loader = data.evaluation_loader(run.val_set, args.batch_size, args.num_workers, run.rank,
+                                            run.world_size, persistent=True)
     if len(run.loader) == 0:
         runtime.fail(f'{len(run.train_set)} images are too few for {run.world_size} process(es) x --batch_size '
                      f'{args.batch_size}')
@@ -517,18 +553,27 @@ def set_up_training(run):
     resume_training(run)
     run.model = run.raw_model
     if run.world_size > 1:
-        run.model = DDP(run.raw_model, device_ids=[device.index] if device.type == 'cuda' else None)
+        run.model = DDP(run.raw_model, device_ids=[device.index] if device.type == 'cuda' else None,
+                        gradient_as_bucket_view=True)  # no second copy of the gradients
     if run.is_main:
         print(f'{args.mode} {args.method}/{args.model} from {args.checkpoint}: {run.num_classes} classes, '
               f'{len(run.train_set)} training images, effective batch {run.eff_batch}, peak lr {run.peak_lr:.3g}')
     run.steps_per_epoch = len(run.loader)
+    checkpoints.announce_world_size(run, run.steps_per_epoch)
+    runtime.write_flags(run, effective_batch=run.eff_batch, peak_lr=run.peak_lr, steps_per_epoch=run.steps_per_epoch)
     run.warmup_steps = train.warmup_steps(args.warmup_epochs, args.epochs, run.steps_per_epoch, run.is_main)
 
 
 def resume_training(run):
     """The checkpoint this run continues, if any: refused in one line when it is another run's, else its weights,
-    optimizer, epoch and best top-1 restored, and the log made to say what it covers."""
-    run.identity = run_identity(run.args)
+    optimizer, epoch and best top-1 restored, and the log made to say what it covers. A folder whose log holds frozen
+    evaluations (--mode knn/frozen) is theirs: resuming would drop their rows."""
+    log = run.out / 'log.jsonl'
+    if log.exists() and b'"mode": ' in log.read_bytes():
+        runtime.fail(f'--output_dir {run.out} holds frozen evaluations (--mode knn/frozen rows in log.jsonl): give '
+                     f'--mode {run.args.mode} a folder of its own')
+    run.identity = dict(run_identity(run.args), train_files=data.fingerprint(run.train_set),
+                        val_files=data.fingerprint(run.val_set))
     checkpoints.read_resumed(run, ('model', 'optimizer', 'epoch', 'step', 'best_acc1'), ON_RESUME, run.identity)
     if run.ckpt:
         run.best_acc1 = run.ckpt['best_acc1']
@@ -545,9 +590,31 @@ def run_identity(args):
 # -----------------------------------------------------------------------------------------------------------------
 # Flag checks: every flag before any work starts
 
+def refuse_flags_of_other_modes(args):
+    """A flag that --mode does not read (mixup in a linear probe, an lr in k-NN) would change nothing: say so."""
+    defaults = get_args_parser()
+    for flag, modes in MODE_FLAGS.items():
+        if args.mode not in modes and getattr(args, flag) != defaults.get_default(flag):
+            runtime.fail(f'--{flag}: --mode {args.mode} does not use it (it is for --mode {", ".join(modes)})')
+
+
+def refuse_export_over_own_files(args):
+    """--export_timm writes a new file: never over the checkpoint the run reads or resumes, nor over a file the run
+    keeps in --output_dir (its checkpoints, log, features), nor over what is not a regular file."""
+    export = Path(args.export_timm).resolve()
+    read = [Path(path).resolve() for path in (args.checkpoint, args.resume) if path and path != 'none']
+    own = export.parent == Path(args.output_dir).resolve() and runtime.is_run_file(export.name)
+    if export in read or own:
+        runtime.fail(f'--export_timm {args.export_timm} would replace a file this run reads or keeps (--checkpoint, '
+                     f'--resume, or a file of the run in --output_dir {args.output_dir}): give a new path')
+    if export.exists() and not export.is_file():
+        runtime.fail(f'--export_timm {args.export_timm} exists and is not a file: give the path of a file')
+
+
 def validate_args(args):
     """Every flag checked before any work starts: a bad one ends the run in one line naming it (each number's range
     is declared at the flag: flags.Range)."""
+    refuse_flags_of_other_modes(args)
     for key, value in MODE_DEFAULTS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -557,6 +624,7 @@ def validate_args(args):
     except (AssertionError, ValueError, KeyError, IndexError) as e:
         runtime.fail(f'--aa {args.aa}: not a policy timm knows ({e}); e.g. rand-m9-mstd0.5')
     flags.check_device(args.device)
+    flags.check_data_dir(args, get_args_parser())
     if args.export_timm:  # its folder is made now, so that a bad path fails before training, not after
         folder = Path(args.export_timm).parent
         try:
@@ -565,14 +633,19 @@ def validate_args(args):
             runtime.fail(f'--export_timm {args.export_timm}: cannot make its folder {folder} ({e.strerror})')
         if not os.access(folder, os.W_OK):
             runtime.fail(f'--export_timm {args.export_timm}: cannot write into {folder}')
+        refuse_export_over_own_files(args)
     if args.checkpoint != 'none' and not Path(args.checkpoint).is_file():
         runtime.fail(f'--checkpoint {args.checkpoint}: no such file (or none, to train from scratch)')
 
 
 def main(args):
     validate_args(args)
-    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.loader_errors_in_one_line():
-        evaluate_encoder(args)
+    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.loader_errors_in_one_line(), \
+            runtime.out_of_memory_in_one_line():
+        try:
+            evaluate_encoder(args)
+        finally:
+            checkpoints.writer.wait()  # the last checkpoint is on disk when the script ends
 
 
 if __name__ == '__main__':

@@ -60,10 +60,11 @@ class Ranges:
 
 def text(value):
     """A flag that takes a name, a path or a policy: an empty value names nothing (a shell variable that was not set)
-    and is refused at the flag, instead of meaning the current folder or 'off' somewhere later."""
+    and is refused at the flag, instead of meaning the current folder or 'off' somewhere later. A leading ~ is the
+    home folder, as the shell would have made it had the value not followed an '=' (--output_dir=~/runs)."""
     if not value.strip():
         raise argparse.ArgumentTypeError('an empty value names nothing: give one, or leave the flag out')
-    return value
+    return os.path.expanduser(value) if value.startswith('~') else value
 
 
 # Ranges many flags share
@@ -73,6 +74,12 @@ FRACTION = Range(float, 0, 1, open_high=True)  # [0, 1): drop path, probabilitie
 RATE = Range(float, 0, 1e3, open_low=True)  # a positive learning rate or scale
 NONNEGATIVE = Range(float, 0, 1e6)  # weights and decays
 SEED = Range(int, 0, 2 ** 63 - 1)  # what torch.manual_seed takes
+# Sizes a real model has (ViT-H: 32 blocks, width 1280; images up to 1024 px at patch 2): beyond them a value only
+# exhausts the memory
+PIXELS = Range(int, 1, 8192)  # image sizes and patch sizes
+WIDTH = Range(int, 1, 16384)  # embedding widths
+DEPTH = Range(int, 0, 256)  # blocks
+HEADS = Range(int, 1, 1024)
 
 
 def default_workers():
@@ -80,7 +87,8 @@ def default_workers():
     not every core the node has) shared among the processes torchrun starts on it, at most 8 (beyond that the model,
     not decoding, is usually the limit), at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    processes = os.environ.get('LOCAL_WORLD_SIZE', '1')  # torchrun's; a leftover may say anything
+    # torchrun's, or srun's --ntasks-per-node ('4', or '4(x2)'); a leftover may say anything
+    processes = os.environ.get('LOCAL_WORLD_SIZE') or os.environ.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0]
     processes = max(1, int(processes)) if processes.isdigit() else 1
     return max(1, min(8, cores // processes))
 
@@ -117,6 +125,13 @@ def check_compile(args):
         fail(f'--compile {args.compile}: CUDA graphs under DDP are not verified here; use --compile with torchrun')
 
 
+def check_data_dir(args, parser):
+    """--data_dir is where CIFAR is downloaded to: with a folder as --data it would change nothing."""
+    if args.data not in ('cifar10', 'cifar100') and args.data_dir != parser.get_default('data_dir'):
+        fail(f'--data_dir {args.data_dir}: it is where cifar10/cifar100 are downloaded to, and --data {args.data} is a '
+             f'folder; leave --data_dir out')
+
+
 def check_pipelines(args):
     """train.py's three input pipelines: one at a time, each on the data it reads."""
     if args.decode_on_device and args.gpu_data:
@@ -141,6 +156,7 @@ class OnResume:
     free: tuple
     schedule: tuple
     position: tuple
+    meant: object = None  # identity dict -> the same, each value as meant (a default written out, a file's content)
 
     def identity(self, args):
         """The identity flags' values (args: a Namespace, or a checkpoint's dict of them); a data folder by its
@@ -152,15 +168,23 @@ class OnResume:
             identity['data'] = str(Path(identity['data']).resolve())
         return identity
 
+    def as_meant(self, identity):
+        return self.meant(identity) if self.meant else identity
+
+    def saved_identity(self, checkpoint):
+        """The identity a checkpoint was written with (older ones: from its flags), as meant."""
+        return self.as_meant(checkpoint.get('identity') or self.identity(checkpoint['args']))
+
     def check(self, checkpoint, args, identity, path, announce=True):
         """Refuse, announce or accept each flag that differs from the checkpoint's (identity: this run's, as
         identity() gives it, or amended by the script). Checkpoints written before a flag existed do not name it."""
         saved_args = checkpoint['args']
-        saved_identity = checkpoint.get('identity') or self.identity(saved_args)
+        saved_identity, identity = self.saved_identity(checkpoint), self.as_meant(identity)
         for key, value in identity.items():
             if key in saved_identity and saved_identity[key] != value:
-                fail(f'{path} belongs to another run: its --{key} is {saved_identity[key]}, this run\'s is {value}. '
-                     f'Continue it with its own flags, or start afresh with another --output_dir')
+                name = f'--{key}' if key in saved_args else key.replace('_', ' ')  # data_files: the data's listing
+                fail(f'{path} belongs to another run: its {name} is {saved_identity[key]}, this run\'s is {value}. '
+                     f'Continue it with its own flags and data, or start afresh with another --output_dir')
         for key in self.schedule + self.position:
             before, now = saved_args.get(key, getattr(args, key)), getattr(args, key)
             if before == now:

@@ -10,42 +10,61 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoints
+import data
 import runtime
 import train
 
 
-def cached_features(model, train_set, val_set, key, path, args, device):
+def cached_features(model, train_set, val_set, key, path, run):
     """Train and val features of the frozen encoder in `model` (a finetune.Classifier), computed once: kept in `path`
-    with `key`, what they are of, so that a rerun on the same encoder reads them back. A cache of other features is
-    replaced; a damaged one (a copy cut short, a foreign file) is rebuilt, with a warning."""
-    if path.exists():
-        try:
-            cached = torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - whatever torch raises for a damaged file, the cure is to rebuild it
-            cached = None
-            print(f'warning: rebuilding {path}, which cannot be read ({" ".join(str(e).split())[:120]})',
-                  file=sys.stderr)
-        if isinstance(cached, dict) and cached.get('key') == key:
-            return cached['features']
-    features = [*extract_features(model, train_set, args, device, 'train'),
-                *extract_features(model, val_set, args, device, 'val')]
-    checkpoints.save_checkpoint(dict(key=key, features=features), path)
+    with `key`, what they are of, so that a rerun on the same encoder and images reads them back. A cache of other
+    features is replaced; a damaged one (a copy cut short, a foreign file) is rebuilt, with a warning. Rank 0 reads
+    and writes the cache; under several processes every rank extracts its shard. -> (train features, labels, val
+    features, labels) on rank 0; None on the others when rank 0 read them from the cache."""
+    cached = read_cache(path, key, run.device) if run.is_main else None
+    if runtime.max_over_ranks(cached is not None):  # one decision for all ranks: rank 0's
+        return cached
+    features = [*extract_features(model, train_set, run, 'train'), *extract_features(model, val_set, run, 'val')]
+    if run.is_main:
+        checkpoints.save_checkpoint(dict(key=key, features=features), path)
     return features
 
 
+def read_cache(path, key, device):
+    if not path.exists():
+        return None
+    try:
+        cached = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch raises for a damaged file, the cure is to rebuild it
+        print(f'warning: rebuilding {path}, which cannot be read ({" ".join(str(e).split())[:120]})', file=sys.stderr)
+        return None
+    return cached['features'] if isinstance(cached, dict) and cached.get('key') == key else None
+
+
 @torch.no_grad()
-def extract_features(classifier, dataset, args, device, split):
-    """Frozen features of every image of dataset (its evaluation view), in order: (N, D) float32 and (N,) labels."""
+def extract_features(classifier, dataset, run, split):
+    """Frozen features of every readable image of `dataset` (an EvaluationImageFolder, its evaluation view), in its
+    order: (N, D) float32 and (N,) labels, on every rank. Each rank computes its shard's (data.Shard), and the shards
+    are put back in the data set's order, so that any number of processes gives the same features."""
     classifier.eval()
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                        worker_init_fn=runtime.ignore_stop_signals)
-    features, labels = zip(*[(classifier.features(x.to(device)).float(), y.to(device))
-                             for x, y in tqdm(loader, desc=f'{split} features')])
-    return torch.cat(features), torch.cat(labels)
+    loader = data.evaluation_loader(dataset, run.args.batch_size, run.args.num_workers, run.rank, run.world_size)
+    features, labels = [torch.zeros(0, classifier.head.in_features)], [torch.zeros(0, dtype=torch.long)]
+    # outside a terminal, a line a minute rather than a fragment per batch
+    for batch in tqdm(loader, desc=f'{split} features', disable=not run.is_main,
+                      mininterval=0.1 if runtime.in_a_terminal() else 60):
+        if batch is not None:
+            with run.autocast:
+                features.append(classifier.features(batch[0].to(run.device)).float().cpu())
+            labels.append(batch[1])
+    kept = torch.tensor([i for i in loader.sampler if not data.unreadable(dataset)[i]], dtype=torch.long)
+    shards = runtime.gather_from_ranks((torch.cat(features), torch.cat(labels), kept))
+    order = torch.cat([shard[2] for shard in shards]).argsort()
+    if not len(order):
+        runtime.fail(f'no readable image in the {split} split of --data: every file failed to decode')
+    return [torch.cat([shard[part] for shard in shards])[order].to(run.device) for part in (0, 1)]
 
 
 def knn_evaluate(bank, bank_labels, queries, query_labels, num_classes, k, temperature):
@@ -74,7 +93,7 @@ def linear_on_features(train_x, train_y, val_x, val_y, num_classes, args):
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
     head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-    trunc_normal_(head.weight, std=0.01)
+    trunc_normal_(head.weight, std=args.head_init_std) if args.head_init_std else nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     peak_lr = args.lr or args.blr * args.batch_size / 256
     optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)

@@ -177,11 +177,23 @@ def check_records_are_of(data, *folders):
                            f'({data}): give another --output_dir, or the data set those records were made from')
 
 
+def comparable(command):
+    """A run's command without where its files lie (--output_dir, --checkpoint, both under --work_dir; --data, whose
+    content check_records_are_of compares): what makes two records the same run."""
+    words = shlex.split(command)
+    return [word if previous not in ('--output_dir', '--checkpoint', '--data') else '...'
+            for previous, word in zip([''] + words, words)]
+
+
 def execute(run, records, data):
     """The run (resuming it where a sitting left it), then its record: the numbers, the command, the wall-clock over
     every sitting that worked on it, the threads and the machine. -> False when a signal stopped it."""
     record = records / f'{run.name}.json'
     if record.exists():
+        made_by = json.loads(record.read_text()).get('command', '')
+        if comparable(made_by) != comparable(run.command()):
+            runtime.fail(f'{record} was made by another command ({made_by}) than this sitting\'s '
+                         f'({run.command()}): give another --output_dir, or the flags that made it')
         return True
     clock = run.out / 'wall_clock.json'
     start = time.perf_counter()

@@ -9,15 +9,18 @@ flags.py.
 import argparse
 import datetime
 import fcntl
+import fnmatch
+import json
 import multiprocessing
 import os
 import random
 import signal
+import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,8 @@ class Run:
     ckpt: dict | None = None  # what was resumed: its position (its weights are freed once restored)
     start_epoch: int = 0
     last_row: dict | None = None  # the log's last row, which every checkpoint holds
+    identity: dict = None  # what a checkpoint must match to be continued (flags.OnResume.identity, and the data's)
+    started: float = field(default_factory=time.time)  # this process's start, for the log's elapsed seconds
 
     @property
     def is_main(self):
@@ -54,6 +59,20 @@ class Run:
         return Path(self.args.output_dir)
 
 
+def write_flags(run, **resolved):
+    """OUTPUT_DIR/args.json: the flags this (re)start runs with, and what they resolve to on this machine (effective
+    batch, lr, processes), readable without loading a checkpoint. Rank 0 writes it at every start."""
+    if run.is_main:
+        record = dict(vars(run.args), world_size=run.world_size, **resolved)
+        (run.out / 'args.json').write_text(json.dumps(record, indent=1, default=str) + '\n')
+
+
+def in_a_terminal():
+    """Whether progress bars can redraw in place: outside a terminal (a batch job's log file) their carriage
+    returns would leave a fragment per update, so the loops print one line per log point instead."""
+    return sys.stderr.isatty()
+
+
 def autocast_for(args, device):
     """--precision bf16: autocast to bfloat16 (no loss scaler needed, unlike fp16, which NaNs in long MAE runs), on
     GPUs and, for tests and CPUs with bf16 matrix units, on CPUs alike; fp32: no autocast."""
@@ -62,15 +81,21 @@ def autocast_for(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == 'bf16' else nullcontext()
 
 
-# How long a process waits for the others of a torchrun group to come (they start together: minutes are plenty)
+# How long a process waits for the others of a group to come (they start together: minutes are plenty), and how long
+# any collective waits for a rank that does not answer (a lost node): the longest a healthy rank keeps the others
+# waiting is rank 0 writing a checkpoint (seconds to a minute for ViT-H), not the 30 minutes gloo waits by default.
 SETUP_TIMEOUT = datetime.timedelta(minutes=5)
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def init_distributed(device_name):
-    """-> (rank, world_size, device). NCCL for GPUs, gloo for CPUs. A process that RANK names part of a group
-    waits for its peers at most SETUP_TIMEOUT, and stops at a signal while it waits."""
+    """-> (rank, world_size, device). NCCL for GPUs, gloo for CPUs. A process that RANK (torchrun's) or SLURM's
+    variables (srun without torchrun: from_slurm) name part of a group waits for its peers at most SETUP_TIMEOUT, and
+    stops at a signal while it waits; a collective then waits at most COLLECTIVE_TIMEOUT for a rank that is gone."""
+    from_slurm()
     if 'RANK' not in os.environ:
         return 0, 1, torch.device(device_name)
+    launcher_rank()
     missing = [name for name in ('WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'LOCAL_RANK') if not os.environ.get(name)]
     if missing:
         fail(f'RANK is set in the environment but {", ".join(missing)} not: start the processes with torchrun, or '
@@ -82,17 +107,55 @@ def init_distributed(device_name):
         fail(f'rank {os.environ["RANK"]} of WORLD_SIZE {os.environ["WORLD_SIZE"]} could not meet its peers at '
              f'{address} within {SETUP_TIMEOUT.seconds} s ({" ".join(str(e).split())[:200]}): start every process '
              f'(torchrun does), or unset RANK to run one')
-    # torchrun --max-restarts starts every attempt's workers on the same store: without a prefix of its own, an attempt
-    # can read the addresses a dead attempt's workers left there and fail to connect (seen with gloo).
-    store = dist.PrefixStore(f'attempt{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}/', store)
+    # No per-attempt prefix on the store: torchrun's restart count is per node (pytorch/pytorch#135712), so after one
+    # node restarts its worker the attempts' prefixes differ between nodes and the workers never meet. A fresh store
+    # per rendezvous round comes from the launcher instead: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/reliability.md).
     if device_name.startswith('cuda'):
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
         torch.cuda.set_device(device)
-        dist.init_process_group('nccl', store=store, rank=rank, world_size=world_size, device_id=device)
+        dist.init_process_group('nccl', store=store, rank=rank, world_size=world_size, device_id=device,
+                                timeout=COLLECTIVE_TIMEOUT)
     else:
         device = torch.device('cpu')
-        dist.init_process_group('gloo', store=store, rank=rank, world_size=world_size)
+        dist.init_process_group('gloo', store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     return rank, world_size, device
+
+
+def from_slurm():
+    """`srun python train.py` (no torchrun) on a SLURM cluster: torch.distributed's variables from SLURM's, where
+    RANK is unset and SLURM started several tasks (one task, as `sbatch` alone starts, is one process): RANK,
+    WORLD_SIZE and LOCAL_RANK from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; MASTER_ADDR, unless given, the first
+    host of SLURM_JOB_NODELIST; MASTER_PORT, unless given, one per job (29500 + the job id's last three digits).
+    Written here because torch reads none of them (timm, open_clip and the official MAE map them alike)."""
+    if 'RANK' in os.environ or int(os.environ.get('SLURM_NTASKS', '1') or 1) <= 1 or 'SLURM_PROCID' not in os.environ:
+        return
+    nodes = os.environ.get('SLURM_JOB_NODELIST') or os.environ.get('SLURM_NODELIST', '')
+    os.environ.update(RANK=os.environ['SLURM_PROCID'], WORLD_SIZE=os.environ['SLURM_NTASKS'],
+                      LOCAL_RANK=os.environ.get('SLURM_LOCALID', '0'),
+                      LOCAL_WORLD_SIZE=os.environ.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0])
+    os.environ.setdefault('MASTER_ADDR', first_host(nodes))
+    os.environ.setdefault('MASTER_PORT', str(29500 + int(os.environ.get('SLURM_JOB_ID', '0')) % 1000))
+
+
+def first_host(nodelist):
+    """The first host of a SLURM node list: 'gpu[03-05,09],cpu1' -> 'gpu03' (what `scontrol show hostnames` prints
+    first, without scontrol)."""
+    head = nodelist.split(',')[0] if '[' not in nodelist.split(',')[0] else nodelist.split(']')[0]
+    if '[' not in head:
+        return head or 'localhost'
+    prefix, ranges = head.split('[', 1)
+    return prefix + ranges.split(',')[0].split('-')[0]
+
+
+def launcher_rank():
+    """This process's RANK as a launcher set it (torchrun, or srun: from_slurm; 0 when unset); a value that is no
+    rank is refused in one line."""
+    from_slurm()
+    text = os.environ.get('RANK', '0')
+    if not text.strip().isdigit():
+        fail(f'RANK={text!r} in the environment is no process rank: start the processes with torchrun, or unset RANK '
+             f'to run one')
+    return int(text)
 
 
 def wait_interruptibly(call):
@@ -223,8 +286,15 @@ def request_stop():
     stop_requested = True
 
 
+# Every signal that asks a run to end, as schedulers and terminals send them: SIGTERM (pre-emption, torchrun),
+# SIGINT (Ctrl-C), SIGHUP (the terminal or ssh session went away), SIGUSR1 and SIGUSR2 (a cluster's warning before its
+# time limit: SLURM's --signal, LSF, PBS), SIGXCPU (a CPU-time limit: ulimit -t, Grid Engine's s_cpu). SIGKILL cannot
+# be caught; SIGQUIT is left to ask for a core dump.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGXCPU)
+
+
 def on_signal(signum, frame):
-    """SIGTERM (pre-emption) and SIGINT (Ctrl-C). In a training loop they ask it to stop after the current step, to
+    """Any of STOP_SIGNALS. In a training loop they ask it to stop after the current step, to
     checkpoint its exact position and exit 0 (stop_after_step); in every other phase (set-up, FLOP counting, feature
     extraction, k-NN, the linear classifier, evaluation, reproduce.py between runs) there is no position to save,
     and the run ends now, in one line."""
@@ -275,15 +345,51 @@ def stop_on_signals():
     checkpoint first)."""
     global stop_requested
     stop_requested = False
-    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    streams = sys.stdout, sys.stderr
+    # a stream closed before the start (`2>&-`) is None in Python: its output goes nowhere
+    sys.stdout, sys.stderr = (StopWhenClosed(stream or open(os.devnull, 'w')) for stream in streams)
     try:
         yield
     finally:
+        sys.stdout, sys.stderr = streams
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
         stop_loader_workers()
+
+
+class StopWhenClosed:
+    """sys.stdout or sys.stderr, for a reader that may go away (`train.py | head`, a pipe to a log reader that ends):
+    its closing asks the run to stop as a signal does (after the step, with its position saved); what is written
+    afterwards goes to /dev/null instead of raising BrokenPipeError out of a print."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError:  # a closed pipe, a full disk under a redirection (> /dev/full), a closed descriptor
+            self.reader_gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError:
+            self.reader_gone()
+
+    def reader_gone(self):
+        try:  # the buffer's rest, and all later output
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            self.stream = open(os.devnull, 'w')
+        request_stop()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def stop_loader_workers():
@@ -300,11 +406,11 @@ def stop_loader_workers():
 
 
 def ignore_stop_signals(worker_id):
-    """worker_init_fn: loader workers leave SIGTERM and SIGINT to the main process. A signal sent to the whole process
+    """worker_init_fn: loader workers leave the stop signals to the main process. A signal sent to the whole process
     group (Ctrl-C in a terminal, a scheduler pre-empting a job) would otherwise kill them first, and the main process
     would die of their deaths before it checkpoints; it stops them itself when it exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextmanager
@@ -318,6 +424,17 @@ def stop_after_step():
         in_training_loop = False
 
 
+# The files a run writes into its --output_dir (train.py, finetune.py, reproduce.py's clock): its own, so none of
+# them may be a symbolic link (a rewrite would land outside the folder) or something other than a file (a named
+# pipe would block the run), and an export never replaces one.
+RUN_FILES = ('checkpoint-*.pth', 'teacher-stage*.pth', 'log.jsonl', 'steps.jsonl', 'args.json', 'features.pt',
+             'vis-epoch*.png', 'wall_clock.json', '.lock')
+
+
+def is_run_file(name):
+    return any(fnmatch.fnmatch(name, pattern) for pattern in RUN_FILES)
+
+
 @contextmanager
 def exclusive_output_dir(path):
     """One run per output folder. Every rank checks that the folder is writable (so that all of them stop with the
@@ -329,10 +446,18 @@ def exclusive_output_dir(path):
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         fail(f'--output_dir {path} is not writable ({e})')
-    if int(os.environ.get('RANK', 0)) != 0:
+    for entry in os.scandir(path):
+        if is_run_file(entry.name) and (entry.is_symlink() or not entry.is_file()):
+            fail(f'--output_dir {path}: {entry.name} is a symbolic link or not a regular file, and the run writes its '
+                 f'own {entry.name} there: remove it, or give another --output_dir')
+    if launcher_rank() != 0:
         yield
         return
-    with open(path / '.lock', 'a+') as lock:
+    try:  # not through a symbolic link: the lock file is the run's own, and it is truncated
+        descriptor = os.open(path / '.lock', os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        fail(f'--output_dir {path}: cannot open its .lock ({e.strerror}: a symbolic link, or not a file?); remove it')
+    with os.fdopen(descriptor, 'r+') as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -342,10 +467,27 @@ def exclusive_output_dir(path):
         lock.truncate(0)
         lock.write(f'pid {os.getpid()} on {os.uname().nodename}')
         lock.flush()
+        for stale in path.glob('.*.tmp'):  # a save that a kill cut short (checkpoints.save_checkpoint's temp file)
+            if is_run_file(stale.name[1:-len('.tmp')].rsplit('.', 1)[0]):
+                stale.unlink()
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def out_of_memory_in_one_line():
+    """An allocation beyond the device's or the host's memory (a batch, an image size or a model too large for the
+    machine: values in their declared ranges can still be) ends the run in one line, not the allocator's traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        words = ' '.join(str(e).split())
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in words:
+            raise
+        fail(f'out of memory ({words[:160]}): lower --batch_size (--accum_iter keeps the effective batch), or take a '
+             f'smaller model or image size; the last checkpoint, if any, is intact')
 
 
 def check_finite(nonfinite_step, epoch, out):

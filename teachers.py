@@ -12,6 +12,7 @@ dbot.py's file and CLIP teachers, and by the scripts; knows no method. open_clip
 
 import argparse
 import hashlib
+import zipfile
 from pathlib import Path
 
 import safetensors.torch
@@ -30,9 +31,22 @@ from mcmae import ConvViT
 
 def load_weights_file(path):
     """A checkpoint or state dict as saved by torch.save (loaded without running pickled code), or a .safetensors
-    file (timm's and the Hugging Face hub's format)."""
-    if Path(path).suffix.lower() == '.safetensors':
+    file (timm's and the Hugging Face hub's format), told apart by their content, not their names. torch.save's zip
+    archive has a CRC-32 per record, which torch.load does not check: they are checked here first, so that a flipped
+    bit is a damaged file, not a NaN many steps later."""
+    if not Path(path).exists():
+        raise ValueError(f'no such file: {path}')
+    if not Path(path).is_file():  # a folder, or a named pipe that would block the read
+        raise ValueError(f'{path} is not a regular file')
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if head[:2] != b'PK' and head[8:9] == b'{':  # safetensors: an 8-byte header length, then its JSON header
         return safetensors.torch.load_file(path)
+    if head[:2] == b'PK':
+        damaged = zipfile.ZipFile(path).testzip()
+        if damaged:
+            raise ValueError(f'the file is damaged: its record {damaged} fails its CRC-32 check (a flipped bit, a copy '
+                             f'cut short or altered)')
     with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
         return torch.load(path, map_location='cpu', weights_only=True)
 

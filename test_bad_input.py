@@ -24,7 +24,7 @@ import finetune
 import flags
 import reproduce
 import train
-from conftest import make_image_folder
+from conftest import for_mode, make_image_folder
 
 PRETRAIN = ['--model', 'vit_tiny', '--img_size', '32', '--patch_size', '8', '--decoder_dim', '32', '--decoder_depth',
             '1', '--batch_size', '4', '--epochs', '1', '--warmup_epochs', '0', '--num_workers', '0', '--device', 'cpu',
@@ -36,6 +36,7 @@ EVALUATE = ['--batch_size', '4', '--epochs', '1', '--warmup_epochs', '0', '--num
 def attempt(script, argv):
     """-> ('refused', message) | ('traceback', repr) | ('ran', None)."""
     module = train if script == 'train' else finetune
+    argv = argv if script == 'train' else for_mode(argv)
     try:
         module.main(module.get_args_parser().parse_args(argv))
     except SystemExit as e:  # flags the parser refuses end here too, in one line (flags.ArgumentParser)
@@ -64,6 +65,11 @@ def world(tmp_path_factory):
         folder.mkdir(parents=True)
         for i in range(4):
             (folder / f'{i}.jpg').write_bytes(b'not an image')
+    w['validation_only'] = root / 'validation_only'  # a validation split under another usual name, and no train/
+    shutil.copytree(w['data'] / 'val', w['validation_only'] / 'Validation')
+    w['two_trains'] = root / 'two_trains'  # train/ and Training/: either could be meant
+    shutil.copytree(w['data'], w['two_trains'])
+    shutil.copytree(w['data'] / 'train', w['two_trains'] / 'Training')
     w['no_val'] = root / 'no_val'
     shutil.copytree(w['data'] / 'train', w['no_val'] / 'train')
     w['val_missing_class'] = root / 'val_missing_class'
@@ -108,6 +114,13 @@ def cases(w):
     ev = lambda checkpoint, *extra: ['--checkpoint', str(checkpoint), '--data', data, *EVALUATE, *extra]
     out = []
     bad_pretrain_flags = [
+        # sizes no real model has (they only exhaust the memory); flags the teacher does not read (issue 34)
+        ['--decoder_depth', '2147483647'], ['--img_size', '100000'], ['--decoder_dim', '1000000'],
+        ['--method', 'dbot', '--teacher', 'random', '--clip_model', 'ViT-L-14'],
+        ['--method', 'dbot', '--teacher', str(w['mae']), '--teacher_depth', '2'],
+        ['--method', 'mrmae', '--teacher', str(w['mae']), '--dino_weights', 'x.bin'],
+        ['--method', 'mrmae', '--teacher', 'clip', '--dino_model', 'vit_small_patch16_224'],
+        ['--data', str(w['validation_only'])], ['--data', str(w['two_trains'])],
         ['--img_size', '0'], ['--img_size', '-8'], ['--img_size', '30'], ['--patch_size', '0'], ['--patch_size', '-1'],
         ['--batch_size', '0'], ['--batch_size', '-1'], ['--accum_iter', '0'], ['--epochs', '0'], ['--epochs', '-1'],
         ['--warmup_epochs', '-1'], ['--blr', '0'], ['--blr', '-1e-4'], ['--lr', '-1'], ['--lr', '0'],
@@ -161,6 +174,12 @@ def cases(w):
          'refused'),
     ]
     bad_evaluate = [
+        # flags the mode does not read, exports over what the run reads, a crop that only exhausts the memory
+        ev(w['mae'], '--pool', 'cls'), ev(w['mae'], '--mode', 'knn', '--mixup', '0.5'),
+        ev(w['mae'], '--mode', 'knn', '--seed', '3'), ev(w['mae'], '--mode', 'linprobe', '--aa', 'rand-m5'),
+        ev(w['mae'], '--mode', 'frozen', '--resume', str(w['mae'])), ev(w['mae'], '--crop_pct', '1e-5'),
+        ev(w['mae'], '--mode', 'knn', '--export_timm', str(w['mae'])),
+        ev(w['mae'], '--mode', 'knn', '--data', str(w['validation_only'])),
         ev('/nonexistent.pth'), ev(w['foreign']), ev(w['truncated']), ev(w['file']), ['--checkpoint', 'none',
                                                                                        '--data', data, *EVALUATE],
         ev(w['mae'], '--batch_size', '0'), ev(w['mae'], '--epochs', '0'), ev(w['mae'], '--epochs', '-1'),

@@ -15,6 +15,7 @@ import finetune
 import frozen
 import teachers
 import train
+from conftest import for_mode
 from mae import encoder_state_dict
 from teachers import resize_pos_embed
 from mcmae import ConvViT
@@ -35,10 +36,10 @@ def standin(tmp_path_factory):
 
 
 def ft_args(checkpoint, data, output_dir, *extra):
-    return finetune.get_args_parser().parse_args([
+    return finetune.get_args_parser().parse_args(for_mode([
         '--checkpoint', str(checkpoint), '--data', str(data), '--output_dir', str(output_dir), '--batch_size', '4',
         '--epochs', '1', '--warmup_epochs', '1', '--num_workers', '0', '--device', 'cpu', '--crop_pct', '1.0',
-        *extra])
+        *extra]))
 
 
 @pytest.mark.parametrize('method', sorted(train.METHODS))

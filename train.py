@@ -17,9 +17,11 @@ checkpoints.py, the flags' declared values and resume classes in flags.py, how i
 import argparse
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ import mae
 import mcmae
 import mrmae
 import runtime
+import teachers
 
 METHODS = {'mae': mae.MAE, 'mrmae': mrmae.MRMAE, 'mcmae': mcmae.MCMAE, 'mrmcmae': mrmae.MRMCMAE,
            'dbot': dbot.DBOT}
@@ -79,11 +82,11 @@ def get_args_parser():
                        'in batches on the device (nvJPEG on GPUs), then cropped, flipped and normalised there')
     group = parser.add_argument_group('model')
     group.add_argument('--model', default='vit_tiny', choices=sorted(mae.VIT_SIZES))
-    group.add_argument('--img_size', default=32, type=flags.COUNT)
-    group.add_argument('--patch_size', default=4, type=flags.COUNT)
-    group.add_argument('--decoder_dim', default=128, type=flags.COUNT, help='paper (ImageNet): 512')
-    group.add_argument('--decoder_depth', default=4, type=flags.AMOUNT, help='paper (ImageNet): 8')
-    group.add_argument('--decoder_heads', default=4, type=flags.COUNT, help='paper (ImageNet): 16')
+    group.add_argument('--img_size', default=32, type=flags.PIXELS)
+    group.add_argument('--patch_size', default=4, type=flags.PIXELS)
+    group.add_argument('--decoder_dim', default=128, type=flags.WIDTH, help='paper (ImageNet): 512')
+    group.add_argument('--decoder_depth', default=4, type=flags.DEPTH, help='paper (ImageNet): 8')
+    group.add_argument('--decoder_heads', default=4, type=flags.HEADS, help='paper (ImageNet): 16')
     group.add_argument('--mask_ratio', default=0.75, type=flags.Range(float, 0, 1, open_low=True, open_high=True))
     group.add_argument('--norm_pix_loss', default=True, action=argparse.BooleanOptionalAction)
     group.add_argument('--drop_path', default=0.0, type=flags.FRACTION,
@@ -105,9 +108,9 @@ def get_args_parser():
     group.add_argument('--mimic_weight', default=1.0, type=flags.NONNEGATIVE, help='mrmae: weight of the mimic loss')
     group.add_argument('--focused_mimic', action='store_true',
                        help='mrmae: pick the visible tokens by the teacher\'s [CLS] attention (our reading)')
-    group.add_argument('--fusion_layers', default=0, type=flags.AMOUNT,
+    group.add_argument('--fusion_layers', default=0, type=flags.DEPTH,
                        help='mrmae: mimic from a learned mix of the last K encoder layers (our reading)')
-    group.add_argument('--teacher_depth', default=None, type=flags.AMOUNT,
+    group.add_argument('--teacher_depth', default=None, type=flags.DEPTH,
                        help='dbot random teacher: keep only its first N blocks (0: the large/huge recipe)')
     group.add_argument('--stages', default=None, type=flags.COUNT,
                        help='dbot: bootstrapping stages sharing --epochs evenly (default 2; 1 for other methods)')
@@ -150,13 +153,28 @@ def get_args_parser():
     return parser
 
 
+# The first teacher when --teacher is left out, written out so that a run and its resumption compare as meant
+DEFAULT_TEACHER = {'mrmae': 'clip+dino', 'mrmcmae': 'clip+dino', 'dbot': 'random'}
+
+
+def teacher_as_meant(identity):
+    """An identity's --teacher with each file named by its content (sha256:...), so that the same file reached by
+    another path, or a copy, is the same teacher; the default written out (checkpoints older than DEFAULT_TEACHER
+    stored None)."""
+    teacher = identity.get('teacher') or DEFAULT_TEACHER.get(identity.get('method'))
+    if teacher:
+        teacher = '+'.join(f'sha256:{teachers.sha256(part)}' if Path(part).is_file() else part
+                           for part in teacher.split('+'))
+    return dict(identity, teacher=teacher)
+
+
 # What each flag may change when a run resumes (flags.OnResume): a flag named nowhere here is the run's identity.
 ON_RESUME = flags.OnResume(
     free=('data_dir', 'num_workers', 'device', 'compile', 'output_dir', 'resume', 'log_every', 'vis_every',
           'save_epochs'),
     schedule=('epochs', 'stage_epochs', 'warmup_epochs', 'blr', 'lr', 'min_lr', 'weight_decay', 'betas', 'opt_eps',
               'clip_grad', 'skip_nonfinite', 'drop_path', 'precision'),
-    position=('batch_size', 'accum_iter', 'seed', 'gpu_data', 'decode_on_device'))
+    position=('batch_size', 'accum_iter', 'seed', 'gpu_data', 'decode_on_device'), meant=teacher_as_meant)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -196,7 +214,11 @@ def train_one_epoch(run, epoch):
         lr = lr_at(step_in_stage + step, stage_steps, run.warmup_steps[run.stage], run.peak_lr, args.min_lr)
         for group in run.optimizer.param_groups:
             group['lr'] = lr
-        loss, terms = accumulate_gradients(run, batches)  # sums over the step's micro-batches
+        try:
+            loss, terms = accumulate_gradients(run, batches)  # sums over the step's micro-batches
+        except data.LoaderWorkerDied as e:
+            save_before_loader_death(run, tally, epoch, step, e)
+            raise
         if args.skip_nonfinite and runtime.max_over_ranks(~torch.isfinite(loss)):  # opt-in: one host sync per step
             tally.skip()
             run.optimizer.zero_grad(set_to_none=True)
@@ -214,6 +236,17 @@ def train_one_epoch(run, epoch):
                                        term_sums=tally.term_sums)
             return None
     return tally.epoch_row(lr)
+
+
+def save_before_loader_death(run, tally, epoch, step, error):
+    """A loader worker died before this step drew anything: in one process, the position after the previous step is
+    still exact, and is saved as a signal's stop saves it (several processes cannot agree on it now: their last
+    checkpoint stands). loader_errors_in_one_line then reports the death."""
+    if run.world_size == 1 and error.at_step_start and step > tally.first_step:
+        run.optimizer.zero_grad(set_to_none=True)
+        tally.close_window(step)
+        checkpoints.save_mid_epoch(run, run_state(run), epoch, step, 'as a loader worker died',
+                                   loss_sum=tally.loss_sum, term_sums=tally.term_sums)
 
 
 def begin_epoch(run, epoch, first_step, position):
@@ -236,7 +269,11 @@ def accumulate_gradients(run, batches):
     args = run.args
     loss_sum, term_sums = 0, {}
     for micro in range(args.accum_iter):
-        imgs = next(batches)[0].to(run.device, non_blocking=True)
+        try:
+            imgs = data.next_batch(batches)[0].to(run.device, non_blocking=True)
+        except data.LoaderWorkerDied as e:
+            e.at_step_start = micro == 0  # the step has drawn no mask yet: the RNG states are the previous step's
+            raise
         last_micro = micro == args.accum_iter - 1
         with nullcontext() if run.world_size == 1 or last_micro else run.model.no_sync():
             loss = forward_backward(run.model, run.teacher, imgs, args.mask_ratio, run.autocast, 1 / args.accum_iter)
@@ -283,8 +320,8 @@ def save_reconstructions(run, path):
 def run_state(run):
     """What a checkpoint holds besides its position: weights, optimizer, stage and teacher, flags and the log row."""
     return dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), stage=run.stage,
-                teacher=run.raw_model.teacher_state(run.teacher), args=vars(run.args),
-                identity=ON_RESUME.identity(run.args), log_row=run.last_row)
+                teacher=run.raw_model.teacher_state(run.teacher), args=vars(run.args), identity=run.identity,
+                world_size=run.world_size, log_row=run.last_row)
 
 
 def switch_stage(run):
@@ -396,8 +433,10 @@ def set_up(args):
     torch.backends.cudnn.allow_tf32 = True
     run = Run(args, rank, world_size, device, runtime.autocast_for(args, device),
               images=data.build_training_images(args, rank, world_size, device))
+    # as meant, stored so: a teacher file by the content it had at the start (it may move before a resume)
+    run.identity = ON_RESUME.as_meant(dict(ON_RESUME.identity(args), data_files=data.fingerprint(run.images.dataset)))
     checkpoints.read_resumed(run, ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher'), ON_RESUME,
-                             ON_RESUME.identity(args))
+                             run.identity)
     build_model(run)
     if run.ckpt:  # its weights, optimizer, epoch and stage, and logs that say what it covers
         checkpoints.restore_training(run, run.raw_model, run.optimizer)
@@ -418,12 +457,32 @@ def set_up(args):
     vis_ids = torch.linspace(0, len(run.images.vis_dataset) - 1, 8).long().tolist()
     run.vis_imgs = torch.stack([run.images.vis_dataset[i][0] for i in vis_ids]).to(run.device)
     run.vis_noise = torch.rand(len(vis_ids), run.raw_model.num_patches, generator=torch.Generator().manual_seed(0))
+    run.stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
+    if run.ckpt:
+        refuse_moved_stages(run)
     if run.is_main:
         announce(run)
-    run.stage_starts = [sum(args.stage_epochs[:s]) for s in range(args.stages)]
+    checkpoints.announce_world_size(run, run.steps_per_epoch)
+    runtime.write_flags(run, effective_batch=run.eff_batch, peak_lr=run.peak_lr, steps_per_epoch=run.steps_per_epoch)
     run.warmup_steps = [warmup_steps(args.warmup_epochs, epochs, run.steps_per_epoch, run.is_main)
                         for epochs in args.stage_epochs]  # each stage warms up afresh
     return run
+
+
+def refuse_moved_stages(run):
+    """A resumed run keeps the stages it has begun where they began (a stage's student, teacher and schedule start
+    there), and its current stage may end no earlier than the epoch it has reached: --stage_epochs and --epochs may
+    change only the stages ahead and the current one's length."""
+    begun = run.stage_starts[:run.stage + 1]
+    saved = run.ckpt['args']['stage_epochs']
+    before = [sum(saved[:s]) for s in range(run.stage + 1)]
+    end = run.stage_starts[run.stage] + run.args.stage_epochs[run.stage]
+    if begun != before or run.start_epoch > end:
+        runtime.fail(f'{run.resume} is in stage {run.stage} at epoch {run.start_epoch} of --stage_epochs '
+                     f'{",".join(map(str, saved))}: the new --stage_epochs {",".join(map(str, run.args.stage_epochs))} '
+                     f'(from --epochs {run.args.epochs}, or given) must keep the stages begun as they began and end '
+                     f'stage {run.stage} at epoch {run.start_epoch} or later; change only the stages ahead, or start '
+                     f'afresh with another --output_dir')
 
 
 def build_model(run):
@@ -447,7 +506,8 @@ def wrapped(run):
     """What the steps call: the model compiled (--compile) and, with several processes, in DDP."""
     model = torch.compile(run.raw_model, mode=run.args.compile) if run.args.compile else run.raw_model
     if run.world_size > 1:
-        model = DDP(model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+        model = DDP(model, device_ids=[run.device.index] if run.device.type == 'cuda' else None,
+                    gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: no second copy
     return model
 
 
@@ -492,7 +552,7 @@ class EpochTally:
         self.nonfinite_step, self.skipped_steps = torch.full((), -1, device=run.device), 0
         self.start_time, self.window = time.perf_counter(), self.window_from(first_step)
         self.bar = tqdm(total=run.steps_per_epoch, initial=first_step, desc=f'epoch {epoch}',
-                        disable=not run.is_main, dynamic_ncols=True)
+                        disable=not run.is_main or not runtime.in_a_terminal(), dynamic_ncols=True)
 
     def add(self, step, loss, terms):
         self.nonfinite_step = torch.where((self.nonfinite_step < 0) & ~torch.isfinite(loss), step, self.nonfinite_step)
@@ -519,6 +579,9 @@ class EpochTally:
         if run.peak_flops:
             postfix['mfu'] = f'{flops.mfu(img_per_s, run.flops, run.peak_flops, run.world_size):.1%}'
         self.bar.set_postfix(postfix)  # shown at the last step too, so that short epochs show it
+        if run.is_main and self.bar.disable:  # a log file: one line per log point
+            print(f'epoch {self.epoch} step {steps_done}/{run.steps_per_epoch}: '
+                  + ' '.join(f'{k}={v}' for k, v in postfix.items()), file=sys.stderr, flush=True)
 
     def window_from(self, step):
         return dict(first_step=step, time=time.perf_counter(), loss_sum=self.loss_sum.clone(),  # grows in place
@@ -575,13 +638,32 @@ def save_figure(rows, caption, path, min_size=128):
 METHOD_FLAGS = sorted(set().union(*(method.flags for method in METHODS.values())))  # each method's own, declared there
 
 
+# Flags that only one kind of teacher reads (a file teacher reads none of them)
+TEACHER_FLAGS = {'clip': ('clip_model', 'clip_weights', 'clip_quick_gelu'), 'dino': ('dino_model', 'dino_weights'),
+                 'random': ('teacher_depth',)}
+
+
+# Flags of the common model group that a method ignores: dBOT's targets are a teacher's features, never pixels
+IGNORED_BY = {'dbot': ('norm_pix_loss',)}
+
+
 def refuse_unused_flags(args):
-    """A flag the method ignores would silently change nothing: say so instead."""
+    """A flag the method, or its teacher, ignores would silently change nothing: say so instead."""
     defaults = get_args_parser()
+    for flag in IGNORED_BY.get(args.method, ()):
+        if getattr(args, flag) != defaults.get_default(flag):
+            runtime.fail(f'--{flag} (or --no-{flag}): {args.method} does not use it (its targets are features)')
     for flag in METHOD_FLAGS:
         if flag not in METHODS[args.method].flags and getattr(args, flag) != defaults.get_default(flag):
             users = ', '.join(sorted(name for name, m in METHODS.items() if flag in m.flags))
             runtime.fail(f'--{flag}: {args.method} does not use it (it is for {users})')
+    args.teacher = args.teacher or DEFAULT_TEACHER.get(args.method)
+    kinds = args.teacher.split('+') if args.teacher else []
+    for kind, teacher_flags in TEACHER_FLAGS.items():
+        for flag in teacher_flags:
+            if kind not in kinds and flag in METHODS[args.method].flags and \
+                    getattr(args, flag) != defaults.get_default(flag):
+                runtime.fail(f'--{flag}: the teacher {args.teacher} does not use it (it is for a {kind} teacher)')
 
 
 def validate_args(args):
@@ -600,6 +682,7 @@ def validate_args(args):
         runtime.fail(f'--decoder_dim {args.decoder_dim} must be divisible by --decoder_heads {args.decoder_heads} and '
                      f'by 4 (its sin-cos position code)')
     flags.check_pipelines(args)
+    flags.check_data_dir(args, get_args_parser())
     flags.check_device(args.device)
     flags.check_compile(args)
     depth = mae.VIT_SIZES[args.model]['depth']
@@ -631,8 +714,12 @@ def validate_args(args):
 def main(args):
     refuse_unused_flags(args)
     validate_args(args)
-    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.loader_errors_in_one_line():
-        pretrain(args)
+    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.loader_errors_in_one_line(), \
+            runtime.out_of_memory_in_one_line():
+        try:
+            pretrain(args)
+        finally:
+            checkpoints.writer.wait()  # the last checkpoint is on disk when the script ends
 
 
 if __name__ == '__main__':

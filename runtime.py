@@ -123,14 +123,16 @@ def init_distributed(device_name):
 
 def from_slurm():
     """`srun python train.py` (no torchrun) on a SLURM cluster: torch.distributed's variables from SLURM's, where
-    RANK is unset and SLURM started several tasks (one task, as `sbatch` alone starts, is one process): RANK,
-    WORLD_SIZE and LOCAL_RANK from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; MASTER_ADDR, unless given, the first
-    host of SLURM_JOB_NODELIST; MASTER_PORT, unless given, one per job (29500 + the job id's last three digits).
-    Written here because torch reads none of them (timm, open_clip and the official MAE map them alike)."""
-    if 'RANK' in os.environ or int(os.environ.get('SLURM_NTASKS', '1') or 1) <= 1 or 'SLURM_PROCID' not in os.environ:
+    RANK is unset and srun started several tasks of this step (SLURM_STEP_NUM_TASKS: the batch script itself, which
+    also sees SLURM_NTASKS and SLURM_PROCID, is one process): RANK, WORLD_SIZE and LOCAL_RANK from SLURM_PROCID,
+    SLURM_STEP_NUM_TASKS and SLURM_LOCALID; MASTER_ADDR, unless given, the first host of SLURM_JOB_NODELIST;
+    MASTER_PORT, unless given, one per job (29500 + the job id's last three digits). Written here because torch
+    reads none of them (timm, open_clip and the official MAE map them alike)."""
+    tasks = os.environ.get('SLURM_STEP_NUM_TASKS', '1')
+    if 'RANK' in os.environ or not tasks.isdigit() or int(tasks) <= 1 or 'SLURM_PROCID' not in os.environ:
         return
     nodes = os.environ.get('SLURM_JOB_NODELIST') or os.environ.get('SLURM_NODELIST', '')
-    os.environ.update(RANK=os.environ['SLURM_PROCID'], WORLD_SIZE=os.environ['SLURM_NTASKS'],
+    os.environ.update(RANK=os.environ['SLURM_PROCID'], WORLD_SIZE=tasks,
                       LOCAL_RANK=os.environ.get('SLURM_LOCALID', '0'),
                       LOCAL_WORLD_SIZE=os.environ.get('SLURM_NTASKS_PER_NODE', '1').split('(')[0])
     os.environ.setdefault('MASTER_ADDR', first_host(nodes))

@@ -35,7 +35,8 @@ def srun(argvs, port, **extra_env):
     """What `srun --ntasks N python train.py ...` starts: N processes that know only SLURM's variables."""
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
                                                                'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
-    slurm = dict(SLURM_NTASKS=str(len(argvs)), SLURM_JOB_NODELIST='localhost', MASTER_PORT=str(port), **extra_env)
+    slurm = dict(SLURM_NTASKS=str(len(argvs)), SLURM_STEP_NUM_TASKS=str(len(argvs)), SLURM_JOB_NODELIST='localhost',
+                 MASTER_PORT=str(port), **extra_env)
     return [subprocess.Popen([sys.executable, 'train.py', *argv], cwd=HERE, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True,
                              env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), **slurm))
@@ -96,6 +97,16 @@ def test_another_number_of_processes_between_epochs_is_announced(images, tmp_pat
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert 'was trained on 2 process(es); this run continues on 1: effective batch 8 -> 4' in alone.stdout
     assert len(rows(tmp_path)) == 2
+
+
+def test_the_batch_script_itself_is_one_process(monkeypatch):
+    """`sbatch --ntasks 4` runs its script once, with SLURM_NTASKS=4 and SLURM_PROCID=0 but no step of tasks: a
+    `python train.py` there is one process, not rank 0 of 4 waiting for peers."""
+    for name in ('RANK', 'WORLD_SIZE', 'SLURM_STEP_NUM_TASKS'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('SLURM_NTASKS', '4')
+    monkeypatch.setenv('SLURM_PROCID', '0')
+    assert runtime.init_distributed('cpu')[:2] == (0, 1)
 
 
 def test_slurm_node_lists_give_their_first_host():

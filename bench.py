@@ -264,17 +264,24 @@ TRAIN_FLAGS_USED = {
     'batch_size', 'device', 'precision', 'compile', 'data', 'data_dir', 'num_workers', 'gpu_data', 'decode_on_device'}
 
 
-def bench_checkpoint_stall(args, device, repeats=3):
-    """How long an epoch-end checkpoint holds up training: MAE's weights and AdamW's state after one step, written
-    by save_checkpoint as train.py did before (the caller waits for the write and its fsync), and submitted to
-    checkpoints.BackgroundWriter as it does now (the caller waits for the copy to host memory only). The best of
-    `repeats` each; the background writes are waited for between repeats, untimed."""
-    model = train.METHODS['mae'].from_args(args, None).to(device)
+def bench_checkpoint_stall(args, device, method, repeats=3):
+    """How long an epoch-end checkpoint holds up training: the method's weights and AdamW's state after one step, and
+    what it keeps of its teacher. Before: written by save_checkpoint as train.py did (the caller waits for the write
+    and its fsync), with a teacher's weights inside (dBOT). Now: submitted to checkpoints.BackgroundWriter (the caller
+    waits for the copy to host memory only), naming the stage's teacher file instead (checkpoints.keep_teacher: that
+    file is written once per stage, not timed here). The best of `repeats` each; the background writes are waited
+    for between repeats, untimed."""
+    teacher = train.METHODS[method].build_teacher(args)
+    model = train.METHODS[method].from_args(args, teacher).to(device)
+    teacher = teacher.to(device) if teacher is not None else None
     optimizer = train.build_optimizer(model, args, 1e-4)
     imgs = torch.randn(2, 3, args.img_size, args.img_size, device=device)
-    train.forward_backward(model, None, imgs, args.mask_ratio, runtime.autocast_for(args, device))
+    train.forward_backward(model, teacher, imgs, args.mask_ratio, runtime.autocast_for(args, device))
     optimizer.step()
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), args=vars(args))
+    before = dict(state, teacher=model.teacher_state(teacher))
+    now = dict(state, teacher=dict(teacher_file='teacher-stage0.pth', written='')
+               if checkpoints.holds_weights(before['teacher']) else before['teacher'])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / 'checkpoint-last.pth'
 
@@ -287,13 +294,13 @@ def bench_checkpoint_stall(args, device, repeats=3):
             save()
             seconds = time.perf_counter() - start
             checkpoints.writer.wait()
-            return seconds
+            return seconds, round(path.stat().st_size / 2 ** 20)
 
-        synchronous = min(timed(lambda: write(state)) for _ in range(repeats))
-        background = min(timed(lambda: checkpoints.writer.submit(write, state)) for _ in range(repeats))
-        size_mb = path.stat().st_size / 2 ** 20
-    return dict(measure='checkpoint_stall', model=args.model, device=str(device), checkpoint_mb=round(size_mb),
-                synchronous_s=round(synchronous, 3), background_s=round(background, 3))
+        synchronous, before_mb = min(timed(lambda: write(before)) for _ in range(repeats))
+        background, now_mb = min(timed(lambda: checkpoints.writer.submit(write, now)) for _ in range(repeats))
+    return dict(measure='checkpoint_stall', method=method, model=args.model, device=str(device),
+                checkpoint_mb_before=before_mb, synchronous_s=round(synchronous, 3), checkpoint_mb_now=now_mb,
+                background_s=round(background, 3))
 
 
 def get_args_parser():
@@ -317,7 +324,8 @@ def get_args_parser():
     parser.add_argument('--data_only', action='store_true', help='with --data: measure the input pipeline alone')
     parser.add_argument('--checkpoint_stall', action='store_true',
                         help='instead of the steps: how long an epoch-end checkpoint of the model holds up training, '
-                             'written synchronously (before) and in the background (now)')
+                             'written synchronously with its teacher inside (before) and in the background naming its '
+                             'teacher file (now); for --methods (default: mae)')
     parser.add_argument('--suite', default=None, choices=sorted(SUITES),
                         help='gpu: the whole GPU table of docs/performance.md in one call (every method at ViT-B/16 '
                              'eager, MAE, HF ViTMAE and dBOT compiled, the small recipe, and with --data both loaders)')
@@ -359,7 +367,8 @@ def main():
     device = torch.device(args.device)
     if args.checkpoint_stall:
         with runtime.stop_on_signals():
-            print(json.dumps(bench_checkpoint_stall(args, device)))
+            for method in methods if args.methods else ['mae']:
+                print(json.dumps(bench_checkpoint_stall(args, device, method)))
         return
     rows = SUITES[args.suite] if args.suite else [(None, ','.join(methods + ['loader'] * bool(args.data)), {})]
     # a signal ends the benchmark at once, in one line (runtime.on_signal); the stand-ins go whatever happens

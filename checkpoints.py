@@ -11,13 +11,16 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
+from contextlib import contextmanager
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from tqdm import tqdm
 
+import data
 import runtime
 from teachers import load_weights_file
 
@@ -26,8 +29,21 @@ UMASK = os.umask(0o022)  # read once (it can only be read by setting it), and pu
 os.umask(UMASK)
 
 # The layout of the checkpoints this code writes. A later layout (a newer version of this repository) is refused in
-# one line rather than misread.
-FORMAT = 1
+# one line rather than misread. 2: a teacher's weights in a file of their own, named by the checkpoint (keep_teacher).
+FORMAT = 2
+
+
+@contextmanager
+def one_run(output_dir):
+    """What a script's run (train.py's, finetune.py's) happens in: its one stop path (signals, a closed output, a
+    blocked rank), its output folder held, the failures of its loaders, of device memory and of its peers each in
+    one line; and at its end, however it ends, its last checkpoint on disk."""
+    with runtime.stop_on_signals(), runtime.exclusive_output_dir(output_dir), data.loader_errors_in_one_line(), \
+            runtime.out_of_memory_in_one_line(), runtime.lost_ranks_in_one_line():
+        try:
+            yield
+        finally:
+            writer.wait()
 
 
 def save_checkpoint(state, path):
@@ -100,6 +116,45 @@ def refuse_differing_positions(run):
                      f'must be on a file system that every node sees (the same path on each)')
 
 
+def keep_teacher(run, state, resumed=None):
+    """What a run's checkpoints keep of the teacher of its current stage, whose state (the method's teacher_state)
+    is `state`. Weights that exist nowhere else (dBOT's bootstrapped students, its random first teacher, the encoder
+    of a teacher file) are written once per stage, as OUTPUT_DIR/teacher-stageK.pth, and every checkpoint names that
+    file and the write's own id: an epoch's save neither copies nor rewrites an unchanged teacher (~10 GB for dBOT's
+    ViT-H). What is small (MR-MAE's and CLIP's file hashes) stays in the checkpoint. A run resumed in its own folder
+    keeps its file (`resumed`: the checkpoint's reference). Only rank 0 writes, and only its checkpoints hold this."""
+    if not holds_weights(state):
+        return state
+    path = run.out / f'teacher-stage{run.stage}.pth'
+    if isinstance(resumed, dict) and 'teacher_file' in resumed and (run.resume.parent / resumed['teacher_file']) == path:
+        return resumed
+    reference = dict(teacher_file=path.name, written=uuid.uuid4().hex)
+    if run.is_main:
+        save_checkpoint(dict(model=state, args=vars(run.args), stage=run.stage, written=reference['written']), path)
+    return reference
+
+
+def holds_weights(state):
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def saved_teacher(run):
+    """The teacher state of the checkpoint being resumed: its file read when it names one (keep_teacher), checked to
+    be the very file it was trained with."""
+    kept = run.ckpt['teacher']
+    if not (isinstance(kept, dict) and 'teacher_file' in kept):
+        return kept  # in the checkpoint: file hashes, or a teacher's weights (format 1)
+    path = run.resume.parent / kept['teacher_file']
+    if not path.is_file():
+        runtime.fail(f'{run.resume} names its teacher {path}, which is not there: put the run\'s teacher-stage files '
+                     f'back next to its checkpoint')
+    teacher = load_checkpoint(path, ('model',))
+    if teacher.get('written') != kept['written']:
+        runtime.fail(f'{path} is not the teacher {run.resume} was trained with (it was written again since: a run '
+                     f'rewound to an earlier stage?): resume from that run\'s checkpoint-last.pth, or start afresh')
+    return teacher['model']
+
+
 def announce_world_size(run, steps_per_epoch):
     """Between epochs a run may continue on another number of processes (a lost node, a larger allocation): its
     effective batch, lr and steps per epoch change with it, and the run says so, as for a changed --batch_size (in
@@ -167,7 +222,8 @@ def restore_log(log_path, covered, last_row=None):
         rows += [row] if keep else []
     if last_row is not None and last_row['epoch'] not in {row['epoch'] for row in rows}:
         rows.append(last_row)
-    log_path.write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    if rows or log_path.exists():  # no empty log where there was none: a log file says an epoch or a window ended
+        log_path.write_text(''.join(json.dumps(row) + '\n' for row in rows))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -225,12 +281,14 @@ def save_epoch(run, state, epoch, also=()):
     """The end of an epoch, whose log row is run.last_row: the checkpoint first, holding that row, then the row in
     log.jsonl, so that the log never shows an epoch no checkpoint covers (and a run killed between the two writes
     gets the row back). `also`: further files that keep this checkpoint (the best, ...). Rank 0 writes them in the
-    background (BackgroundWriter): training goes on meanwhile."""
+    background (BackgroundWriter): training goes on meanwhile. `state` None (an epoch that train.py's --save_every
+    skips): the row only, after the writes in flight; a run resumed from an earlier checkpoint drops it (restore_log)
+    and trains the epoch again."""
     run.last_row = row = dict(run.last_row, **stamp(run))
-    state = dict(state, epoch=epoch + 1, step=0, log_row=row)
+    state = state and dict(state, epoch=epoch + 1, step=0, log_row=row)
     if run.is_main:
         def write(state):
-            for path in (*also, run.out / 'checkpoint-last.pth'):
+            for path in (*also, run.out / 'checkpoint-last.pth') if state else ():
                 save_checkpoint(state, path)
             with open(run.out / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(row) + '\n')

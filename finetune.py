@@ -640,12 +640,8 @@ def validate_args(args):
 
 def main(args):
     validate_args(args)
-    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.loader_errors_in_one_line(), \
-            runtime.out_of_memory_in_one_line():
-        try:
-            evaluate_encoder(args)
-        finally:
-            checkpoints.writer.wait()  # the last checkpoint is on disk when the script ends
+    with checkpoints.one_run(args.output_dir):
+        evaluate_encoder(args)
 
 
 if __name__ == '__main__':

@@ -227,7 +227,7 @@ def keep_teacher_encoder(results):
 
 def keep_stage1_encoder(run):
     """dBOT's last teacher is its stage-1 student (dBOT §3): written out so that stage 1 is evaluated too."""
-    torch.save(checkpoints.load_checkpoint(run.out / 'checkpoint-last.pth')['teacher'], run.out / 'stage1-encoder.pth')
+    torch.save(checkpoints.load_checkpoint(run.out / 'teacher-stage1.pth')['model'], run.out / 'stage1-encoder.pth')
 
 
 def keep_log_and_figure(results):

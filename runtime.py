@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -283,6 +284,9 @@ stop_requested = False  # by a signal, or reproduce.py's deadline: the training 
 in_training_loop = False
 
 
+stop_reached = threading.Event()  # the rank has reached its stop after a signal (end_when_stuck stands down)
+
+
 def request_stop():
     global stop_requested
     stop_requested = True
@@ -302,6 +306,7 @@ def on_signal(signum, frame):
     and the run ends now, in one line."""
     request_stop()
     if not in_training_loop:
+        stop_reached.set()
         fail(f'stopped by {signal.Signals(signum).name} where there is nothing to save; the last checkpoint, if any, '
              f'is intact: the same command continues from it')
 
@@ -328,7 +333,7 @@ class StopVote:
         if done >= steps_per_epoch:
             return False
         if self.world_size == 1:
-            return stop_requested
+            return reached(stop_requested)
         if done < self.next_vote:
             return False
         now = time.perf_counter()
@@ -336,27 +341,84 @@ class StopVote:
         seconds_per_step = elapsed / (done - self.last_step)
         self.next_vote = done + max(1, int(STOP_VOTE_SECONDS / max(seconds_per_step, 1e-9)))
         self.last_step, self.last_time = done, now
-        return bool(signalled)
+        return reached(bool(signalled))
+
+
+def reached(stopping):
+    if stopping:
+        stop_reached.set()
+    return stopping
+
+
+# After a stop signal, how long a rank may take to reach its stop (the step in progress, a vote, the start of the
+# save) before it is taken to be waiting for a rank that is gone. A collective blocked on a lost or frozen node waits
+# in C++, where Python runs no signal handler, for up to COLLECTIVE_TIMEOUT; schedulers kill 30 s (torchrun, SLURM's
+# default KillWait) to minutes (SLURM's --signal=USR1@120) after their signal.
+STOP_GRACE_SECONDS = 60.0
+WATCH_ENDS = bytes(1)  # no signal's number: what stop_on_signals writes to end the watch (forked loader workers
+# hold the pipe's write end too, so its closing is no end of file)
+
+
+def end_when_stuck(wakeups):
+    """The watch of a helper thread (stop_on_signals): signal.set_wakeup_fd writes the number of every signal to the
+    pipe `wakeups`, even while the main thread is blocked in C++. A stop signal that the main thread has not acted on
+    within STOP_GRACE_SECONDS (stop_reached) finds it blocked in a collective that waits for a rank that is gone: the
+    process ends here, in one line, and the last checkpoint stands."""
+    while (received := os.read(wakeups, 1)) != WATCH_ENDS:
+        if received[0] in STOP_SIGNALS and not stop_reached.wait(STOP_GRACE_SECONDS):
+            rank = f'rank {dist.get_rank()}' if dist.is_initialized() else 'the run'
+            print(f'error: {rank} did not stop within {STOP_GRACE_SECONDS:.0f} s of {signal.Signals(received[0]).name}: '
+                  f'it waits for another rank that is gone or frozen (a lost node?); ended without a save, the last '
+                  f'checkpoint stands and the same command continues from it', file=sys.__stderr__, flush=True)
+            os._exit(1)
+
+
+@contextmanager
+def lost_ranks_in_one_line():
+    """A collective whose peer died (gloo: the connection closed; NCCL: a DistError) or did not answer within
+    COLLECTIVE_TIMEOUT (a frozen node) ends the run in one line instead of a traceback from inside torch."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not dist.is_initialized() or not (isinstance(e, dist.DistError) or 'gloo' in str(e)):
+            raise
+        what = re.sub(r'^\[[^\]]*\]\s*', '', ' '.join(str(e).split())).split('. ')[0][:160]  # no source location
+        fail(f'rank {dist.get_rank()} lost another rank ({what}): a process or node died '
+             f'or stopped answering; the last checkpoint stands: once every node is back, the same command continues '
+             f'from it')
 
 
 @contextmanager
 def stop_on_signals():
-    """The one stop path of a script: SIGTERM and SIGINT go to on_signal while it runs, the previous handlers come
-    back afterwards, and loader workers left behind end with it (multiprocessing's exit hook would wait forever for
+    """The one stop path of a script: STOP_SIGNALS go to on_signal while it runs (and to end_when_stuck's watch, for
+    a rank blocked in a collective), the previous handlers come back afterwards, and loader workers left behind end
+    with it (multiprocessing's exit hook would wait forever for
     workers that an error left alive: it asks them with SIGTERM, which they ignore so that the main process can
     checkpoint first)."""
     global stop_requested
     stop_requested = False
+    stop_reached.clear()
     handlers = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    wakeups, wakeup = os.pipe()
+    os.set_blocking(wakeup, False)
+    previous_wakeup = signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+    watch = threading.Thread(target=end_when_stuck, args=(wakeups,), daemon=True)
+    watch.start()
     streams = sys.stdout, sys.stderr
     # a stream closed before the start (`2>&-`) is None in Python: its output goes nowhere
     sys.stdout, sys.stderr = (StopWhenClosed(stream or open(os.devnull, 'w')) for stream in streams)
     try:
         yield
     finally:
+        stop_reached.set()  # the script has come to its end: the watch stands down
         sys.stdout, sys.stderr = streams
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(previous_wakeup)
+        os.write(wakeup, WATCH_ENDS)
+        watch.join()
+        os.close(wakeup)
+        os.close(wakeups)
         if dist.is_initialized():
             dist.destroy_process_group()
         stop_loader_workers()

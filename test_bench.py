@@ -131,3 +131,16 @@ def test_a_suite_runs_its_rows_with_their_flags_and_names_each_result(image_fold
     assert [(row['suite_row'], row['method']) for row in rows] == [
         ('tiny, eager', 'mae'), ('tiny, eager', 'dbot'), ('tiny, patch 16', 'mae'), ('loader', 'loader:workers')]
     assert [row['patch_size'] for row in rows[:3]] == [8, 8, 16] and rows[3]['batch_size'] == 4
+
+
+def test_checkpoint_stall_measures_both_saves_and_dbots_checkpoint_loses_its_teacher():
+    result = subprocess.run(
+        [sys.executable, 'bench.py', '--device', 'cpu', '--model', 'vit_tiny', '--img_size', '32', '--patch_size', '8',
+         '--decoder_dim', '32', '--decoder_depth', '1', '--checkpoint_stall', '--methods', 'mae,dbot'],
+        cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    mae, dbot = [json.loads(line) for line in result.stdout.splitlines()]
+    assert (mae['method'], dbot['method']) == ('mae', 'dbot')
+    assert all(row['synchronous_s'] > 0 and row['background_s'] > 0 for row in (mae, dbot))
+    assert mae['checkpoint_mb_now'] == mae['checkpoint_mb_before'] > 0  # no teacher to leave out
+    assert dbot['checkpoint_mb_now'] < dbot['checkpoint_mb_before']  # its teacher's weights are a file of their own

@@ -145,6 +145,14 @@ def run(image_folder, output_dir, *extra):
     return [json.loads(line) for line in (output_dir / 'log.jsonl').read_text().splitlines()]
 
 
+def kept_teacher(output_dir):
+    """The teacher the last checkpoint names: a teacher-stageK.pth of the run, written once per stage."""
+    reference = torch.load(output_dir / 'checkpoint-last.pth', weights_only=True)['teacher']
+    kept = torch.load(output_dir / reference['teacher_file'], weights_only=True)
+    assert kept['written'] == reference['written']
+    return reference['teacher_file'], kept['model']
+
+
 def test_two_stages_end_to_end_restart_the_schedule(image_folder, tmp_path):
     rows = run(image_folder, tmp_path, '--stages', '2', '--epochs', '4')
     assert [row['stage'] for row in rows] == [0, 0, 1, 1]
@@ -153,7 +161,8 @@ def test_two_stages_end_to_end_restart_the_schedule(image_folder, tmp_path):
     teacher_file = torch.load(tmp_path / 'teacher-stage1.pth', weights_only=True)
     final = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
     assert final['stage'] == 1
-    assert all(torch.equal(final['teacher'][k], v) for k, v in teacher_file['model'].items())
+    name, teacher = kept_teacher(tmp_path)
+    assert name == 'teacher-stage1.pth' and all(torch.equal(teacher[k], v) for k, v in teacher_file['model'].items())
     assert (tmp_path / 'vis-epoch0003.png').exists()
 
 
@@ -163,7 +172,7 @@ def test_resume_inside_stage_two_restores_its_teacher(image_folder, tmp_path):
     rows = run(image_folder, tmp_path, '--stage_epochs', '1,2')  # resumes inside stage 1
     assert [row['stage'] for row in rows] == [0, 1, 1]
     final = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
-    assert all(torch.equal(final['teacher'][k], v) for k, v in stage1_teacher.items())
+    assert all(torch.equal(kept_teacher(tmp_path)[1][k], v) for k, v in stage1_teacher.items())
     assert not any(torch.equal(final['model'][k], v) for k, v in stage1_teacher.items() if 'blocks' in k)
 
 
@@ -173,7 +182,7 @@ def test_teacher_file_loads_as_a_first_teacher(image_folder, tmp_path):
                '--teacher', str(tmp_path / 'a' / 'teacher-stage1.pth'))
     assert len(rows) == 1
     first = torch.load(tmp_path / 'a' / 'teacher-stage1.pth', weights_only=True)['model']
-    used = torch.load(tmp_path / 'b' / 'checkpoint-last.pth', weights_only=True)['teacher']
+    used = kept_teacher(tmp_path / 'b')[1]
     assert all(torch.equal(used[k], v) for k, v in first.items())
 
 
@@ -189,7 +198,7 @@ def test_a_wider_teacher_teaches_stage_one_and_the_student_its_own_width_after(i
                str(tmp_path / 'vit_small.pth'))
     assert [row['stage'] for row in rows] == [0, 1] and all(row['loss'] > 0 for row in rows)
     final = torch.load(tmp_path / 'run' / 'checkpoint-last.pth', weights_only=True)
-    assert final['teacher']['cls_token'].shape[-1] == 192  # stage 2's teacher is the student, at its width
+    assert kept_teacher(tmp_path / 'run')[1]['cls_token'].shape[-1] == 192  # stage 2's teacher: the student's width
     assert final['model']['decoder_pred.weight'].shape == (192, 32)
     # a wider teacher whose patches are not the student's would teach other tokens: refused
     coarse = timm.create_model('vit_small_patch16_224', pretrained=False, num_classes=0, img_size=32)

@@ -4,12 +4,14 @@ disks), and a run continued on another number of processes."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,13 +33,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def srun(argvs, port, **extra_env):
+def srun(argvs, port, script='train.py', **extra_env):
     """What `srun --ntasks N python train.py ...` starts: N processes that know only SLURM's variables."""
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
                                                                'MASTER_PORT', 'LOCAL_WORLD_SIZE')}
     slurm = dict(SLURM_NTASKS=str(len(argvs)), SLURM_STEP_NUM_TASKS=str(len(argvs)), SLURM_JOB_NODELIST='localhost',
                  MASTER_PORT=str(port), **extra_env)
-    return [subprocess.Popen([sys.executable, 'train.py', *argv], cwd=HERE, stdout=subprocess.PIPE,
+    return [subprocess.Popen([sys.executable, str(script), *argv], cwd=HERE, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True,
                              env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), **slurm))
             for rank, argv in enumerate(argvs)]
@@ -76,6 +78,31 @@ def test_srun_without_torchrun_trains_the_ranks_together_and_the_time_limit_sign
     assert 'stopped by a signal' in results[0][1]
     checkpoint = torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)
     assert len(checkpoint['ranks']) == 2 and checkpoint['epoch'] < 200
+
+
+def test_a_rank_whose_peer_dies_or_freezes_ends_in_one_line(images, tmp_path):
+    """A peer killed: the survivor's next collective fails, in one line. A peer frozen (SIGSTOP, a hung node): the
+    survivor waits in C++ where no signal handler runs; a SIGTERM then ends it after the grace period, in one line."""
+    script = tmp_path / 'grace.py'  # train.py with a short grace, so that the test need not wait a minute
+    script.write_text(f'import sys; sys.path.insert(0, {str(HERE)!r})\nimport runtime, train\n'
+                      f'runtime.STOP_GRACE_SECONDS = 2\ntrain.main(train.get_args_parser().parse_args())\n')
+    for how in (signal.SIGKILL, signal.SIGSTOP):
+        out = tmp_path / how.name
+        ranks = srun([['--data', str(images), '--output_dir', str(out), *TINY, '--epochs', '1000']] * 2, free_port(),
+                     script)
+        while not (out / 'log.jsonl').exists() or not rows(out):  # training together
+            assert ranks[0].poll() is None, ranks[0].stdout.read()
+            time.sleep(0.2)
+        ranks[1].send_signal(how)
+        if how == signal.SIGSTOP:
+            time.sleep(1)
+            ranks[0].send_signal(signal.SIGTERM)
+        code, output = finish(ranks[:1], timeout=60)[0]
+        ranks[1].kill()
+        ranks[1].wait()
+        errors = [line for line in output.splitlines() if line.startswith('error: ')]
+        assert code == 1 and 'Traceback' not in output and len(errors) == 1, output[-3000:]
+        assert ('lost another rank' if how == signal.SIGKILL else 'did not stop within 2 s of SIGTERM') in errors[0]
 
 
 def test_ranks_that_find_different_checkpoints_are_refused_in_one_line(images, tmp_path):
@@ -183,3 +210,168 @@ def test_two_nodes_recover_from_a_killed_worker_and_end_as_an_uninterrupted_run(
     final = [torch.load(tmp_path / name / 'checkpoint-last.pth', weights_only=True)['model'] for name in
              ('straight', 'restarted')]
     assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
+
+
+
+def pretrain(images, out, *extra):
+    train.main(train.get_args_parser().parse_args(['--data', str(images), '--output_dir', str(out), *TINY, *extra]))
+
+
+def refused(*args):
+    with pytest.raises(SystemExit) as e:
+        pretrain(*args)
+    assert str(e.value.code).startswith('error: ') and '\n' not in str(e.value.code)
+    return str(e.value.code)
+
+
+DBOT = ['--method', 'dbot', '--stage_epochs', '1,3', '--save_every', '2']  # 4 epochs; stage 1 begins at epoch 1
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """The files save_checkpoint writes, in order, each with the epoch its checkpoint is at."""
+    written, save = [], checkpoints.save_checkpoint
+
+    def recording(state, path):
+        written.append((path.name, state.get('epoch')))
+        save(state, path)
+    monkeypatch.setattr(checkpoints, 'save_checkpoint', recording)
+    return written
+
+
+def test_save_every_writes_every_n_epochs_and_the_last_and_dbot_teachers_once_per_stage(images, writes, tmp_path,
+                                                                                          monkeypatch):
+    pretrain(images, tmp_path / 'straight', *DBOT)
+    assert writes == [('teacher-stage0.pth', None), ('teacher-stage1.pth', None), ('checkpoint-last.pth', 2),
+                      ('checkpoint-last.pth', 4)]
+    final = torch.load(tmp_path / 'straight' / 'checkpoint-last.pth', weights_only=True)
+    kept = torch.load(tmp_path / 'straight' / 'teacher-stage1.pth', weights_only=True)
+    assert final['teacher'] == dict(teacher_file='teacher-stage1.pth', written=kept['written'])  # a name, no weights
+    assert len(rows(tmp_path / 'straight')) == 4  # a row for every epoch, saved or not
+
+    # killed before epoch 3 (from 0): the checkpoint of epoch 2 stands, and the row of the unsaved epoch 3 goes
+    real = train.train_one_epoch
+    monkeypatch.setattr(train, 'train_one_epoch',
+                        lambda run, epoch: sys.exit('killed') if epoch == 3 else real(run, epoch))
+    with pytest.raises(SystemExit):
+        pretrain(images, tmp_path / 'killed', *DBOT)
+    assert len(rows(tmp_path / 'killed')) == 3
+    monkeypatch.setattr(train, 'train_one_epoch', real)
+    del writes[:]
+    pretrain(images, tmp_path / 'killed', *DBOT)
+    assert writes == [('checkpoint-last.pth', 4)]  # the stage's teacher is not written again
+    assert [row['loss'] for row in rows(tmp_path / 'killed')] == [row['loss'] for row in rows(tmp_path / 'straight')]
+    again = torch.load(tmp_path / 'killed' / 'checkpoint-last.pth', weights_only=True)
+    assert all(torch.equal(again['model'][key], value) for key, value in final['model'].items())
+
+
+def test_a_checkpoints_teacher_file_must_be_the_one_it_trained_with_and_older_checkpoints_still_resume(
+        images, tmp_path):
+    first = tmp_path / 'first'
+    pretrain(images, first, *DBOT, '--epochs', '2', '--stage_epochs', '1,1')  # ends in stage 1
+    saved = torch.load(first / 'checkpoint-last.pth', weights_only=True)
+    # continued from another folder: the new folder gets a teacher file of its own, which its checkpoints name
+    pretrain(images, tmp_path / 'moved', *DBOT, '--resume', str(first / 'checkpoint-last.pth'))
+    assert torch.load(tmp_path / 'moved' / 'checkpoint-last.pth', weights_only=True)['teacher']['teacher_file'] == \
+        'teacher-stage1.pth' and (tmp_path / 'moved' / 'teacher-stage1.pth').is_file()
+    # a teacher file written again since (another run's, a rewound run's) is refused, as is a missing one
+    teacher = first / 'teacher-stage1.pth'
+    other = dict(torch.load(teacher, weights_only=True), written='another write')
+    shutil.copy(teacher, tmp_path / 'teacher.bak')
+    torch.save(other, teacher)
+    assert 'is not the teacher' in refused(images, first, *DBOT)
+    teacher.unlink()
+    assert 'which is not there' in refused(images, first, *DBOT)
+    # a checkpoint of format 1 holds the teacher's weights itself: it resumes, and names a file from then on
+    shutil.copy(tmp_path / 'teacher.bak', teacher)
+    torch.save(dict(saved, format=1, teacher=torch.load(teacher, weights_only=True)['model']),
+               first / 'checkpoint-last.pth')
+    pretrain(images, first, *DBOT)
+    assert 'teacher_file' in torch.load(first / 'checkpoint-last.pth', weights_only=True)['teacher']
+
+
+class FakeSummaryWriter:
+    """torch.utils.tensorboard's SummaryWriter as train.py calls it, without the tensorboard package."""
+    made = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, {}, False
+        self.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_writes_the_logs_numbers_and_is_refused_in_one_line_without_the_package(images, tmp_path,
+                                                                                              monkeypatch):
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # not installed: import raises ImportError
+    assert 'pip install tensorboard' in refused(images, tmp_path, '--tensorboard')
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    pretrain(images, tmp_path, '--epochs', '2', '--tensorboard')
+    pretrain(images, tmp_path, '--epochs', '3', '--tensorboard')  # resumed: purges what comes after its checkpoint
+    first, resumed = FakeSummaryWriter.made
+    assert first.log_dir == tmp_path / 'tensorboard' and first.closed and resumed.closed
+    per_epoch = 8  # 32 images, batch 4, one process
+    assert (first.purge_step, resumed.purge_step) == (1, 2 * per_epoch + 1)  # the first step not yet taken
+    assert first.scalars['epoch/loss'] + resumed.scalars['epoch/loss'] == [(per_epoch * (row['epoch'] + 1), row['loss'])
+                                                                           for row in rows(tmp_path)]
+    assert [step for step, _ in first.scalars['steps/loss']] == list(range(1, 2 * per_epoch + 1))  # --log_every 1
+    assert 'epoch/elapsed_s' in first.scalars and 'epoch/time' not in first.scalars
+
+
+FAKE_SRUN = '''#!{python}
+"""srun as the batch script calls it: its options skipped, SLURM_NTASKS tasks of the command with a step's variables,
+the signals srun forwards passed to every task, the exit status the worst task's."""
+import os, signal, subprocess, sys
+command = sys.argv[1:]
+while command[0].startswith('-'):
+    command = command[1:]
+tasks, per_node = int(os.environ['SLURM_NTASKS']), int(os.environ['SLURM_NTASKS_PER_NODE'])
+processes = [subprocess.Popen(command, env=dict(os.environ, SLURM_STEP_NUM_TASKS=str(tasks), SLURM_PROCID=str(rank),
+                                                SLURM_LOCALID=str(rank % per_node), SLURM_NODEID=str(rank // per_node)))
+             for rank in range(tasks)]
+for forwarded in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+    signal.signal(forwarded, lambda signum, frame: [p.send_signal(signum) for p in processes])
+sys.exit(max(p.wait() for p in processes))
+'''
+
+
+@pytest.mark.parametrize('nodes', [1, 2])
+def test_the_documented_sbatch_script_trains_the_tasks_together_and_requeues_at_the_time_limit(images, tmp_path,
+                                                                                              nodes):
+    """docs/train.sbatch run as sbatch runs it (the job's SLURM variables; srun and scontrol stand-ins on PATH): its
+    tasks train as one group; the time-limit warning (USR1 to the batch shell) requeues the job and the tasks save;
+    the requeued job continues to the end."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'srun').write_text(FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / 'scontrol').write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    for tool in ('srun', 'scontrol'):
+        (bin_dir / tool).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')}
+    env.update(PATH=f'{bin_dir}:{Path(sys.executable).parent}:{env["PATH"]}', SLURM_JOB_ID='4242',
+               SLURM_NNODES=str(nodes), SLURM_NTASKS='2', SLURM_NTASKS_PER_NODE=str(2 // nodes),
+               SLURM_JOB_NODELIST='localhost', MASTER_PORT=str(free_port()), OMP_NUM_THREADS='1')
+    out = tmp_path / 'run'
+    argv = ['bash', str(HERE / 'docs' / 'train.sbatch'), '--data', str(images), '--output_dir', str(out), *TINY,
+            '--epochs', '4']
+    job = subprocess.Popen(argv, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (out / 'log.jsonl').exists() or not rows(out):
+        assert job.poll() is None, job.stdout.read()
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode == 0 and 'Traceback' not in output, output[-3000:]
+    assert (tmp_path / 'scontrol.log').read_text() == 'requeue 4242\n'
+    assert json.loads((out / 'args.json').read_text())['world_size'] == 2
+    assert len(rows(out)) < 4
+    requeued = subprocess.run(argv, cwd=HERE, env=dict(env, MASTER_PORT=str(free_port())), capture_output=True,
+                              text=True, timeout=600)
+    assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
+    assert [row['epoch'] for row in rows(out)] == list(range(4))

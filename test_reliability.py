@@ -14,6 +14,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -406,48 +407,64 @@ def test_unreadable_images_are_skipped_with_a_warning_and_each_counted_once(imag
 
 # 6. DDP equivalence -----------------------------------------------------------------------------------------------
 
-class FixedNoiseMAE(MAE):
-    """MAE whose masks come from a fixed noise tensor (a plain attribute: DDP must not broadcast it)."""
+class ImageNoiseMAE(MAE):
+    """MAE whose masks are a function of the images (one pixel per patch): however the batch is split over ranks and
+    micro-batches, every image is masked as in the whole batch."""
 
     def forward(self, imgs, mask_ratio=0.75, noise=None, targets=None):
-        return super().forward(imgs, mask_ratio, self.fixed_noise, targets)
+        p = self.patch_size
+        return super().forward(imgs, mask_ratio, imgs[:, 0, p // 2::p, p // 2::p].flatten(1), targets)
 
 
-def one_step(model, imgs, noise):
-    """Gradients and weights after one SGD step. (AdamW's first step is about lr * sign(g), which turns last-bit
-    differences in near-zero gradients into whole updates: SGD, linear in the gradient, is the fair comparison.)"""
-    module = model.module if isinstance(model, DDP) else model
-    module.fixed_noise = noise
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
-    train.forward_backward(model, None, imgs, 0.75, nullcontext())
-    grads = torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
-    optimizer.step()
-    return grads, torch.cat([p.detach().flatten() for p in module.parameters()])
+def sgd_steps(model, micro_batches, world_size, accum_iter, steps=2):
+    """Gradients of the last step and the weights after `steps` SGD steps of train.accumulate_gradients, with the
+    model as train.wrapped gives it to the steps (DDP with train.py's settings when world_size > 1). (AdamW's first
+    step is about lr * sign(g), which turns last-bit differences in near-zero gradients into whole updates: SGD,
+    linear in the gradient, is the fair comparison.)"""
+    run = SimpleNamespace(raw_model=model, world_size=world_size, device=torch.device('cpu'), teacher=None,
+                          autocast=nullcontext(), args=SimpleNamespace(compile=None, accum_iter=accum_iter,
+                                                                       mask_ratio=0.75))
+    run.model = train.wrapped(run)
+    optimizer, batches = torch.optim.SGD(model.parameters(), lr=0.1), iter(micro_batches)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        train.accumulate_gradients(run, batches)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        optimizer.step()
+    return grads, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def tiny_model():
     torch.manual_seed(0)
-    return FixedNoiseMAE(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_dim=32,
+    return ImageNoiseMAE(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, decoder_dim=32,
                          decoder_depth=1, decoder_heads=4)
 
 
-def _ddp_rank(rank, world_size, port, imgs, noise, results):
+def shares(imgs, rank=0, world_size=1, micro_batch=4):
+    """The micro-batches of one process, or one rank's share of each."""
+    share = micro_batch // world_size
+    return [(micro[rank * share:(rank + 1) * share],) for micro in imgs.split(micro_batch)]
+
+
+def _ddp_rank(rank, world_size, port, imgs, accum_iter, results):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=world_size)
-    share = slice(rank * 2, rank * 2 + 2)
-    results[rank] = one_step(DDP(tiny_model()), imgs[share], noise[share])
+    results[rank] = sgd_steps(tiny_model(), shares(imgs, rank, world_size), world_size, accum_iter)
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_update_weights_as_one_process_on_the_whole_batch():
-    generator = torch.Generator().manual_seed(1)
-    imgs, noise = torch.randn(4, 3, 32, 32, generator=generator), torch.rand(4, 16, generator=generator)
-    expected = one_step(tiny_model(), imgs, noise)
+@pytest.mark.parametrize('accum_iter', [1, 2])
+def test_two_gloo_processes_train_as_one_process_on_the_whole_batch(accum_iter):
+    """Two optimizer steps (of two micro-batches each with --accum_iter 2), in DDP as train.py wraps the model
+    (gradients as bucket views; a static graph without accumulation) against one process: the same gradients and
+    weights."""
+    imgs = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = sgd_steps(tiny_model(), shares(imgs), 1, accum_iter)
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_ddp_rank, args=(2, port, imgs, noise, results), nprocs=2)
+    mp.spawn(_ddp_rank, args=(2, port, imgs, accum_iter, results), nprocs=2)
     for rank in range(2):
         for got, want in zip(results[rank], expected):  # the all-reduced gradients, then the updated weights
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -97,9 +97,9 @@ def test_learning_curve_keeps_checkpoints_along_one_schedule_and_evaluates_each(
         assert f'--teacher {teacher}' in records[f'{row}-e{epochs}']['command']
         final = torch.load(tmp_path / 'work' / 'curve' / f'{row}-e{epochs}' / 'checkpoint-last.pth', weights_only=False)
         assert final['stage'] == stages - 1
-    dbot = torch.load(tmp_path / 'work' / 'curve' / f'dbot-mae-teacher-e{epochs}' / 'checkpoint-last.pth',
-                      weights_only=False)
-    assert torch.equal(dbot['teacher']['cls_token'], torch.load(teacher)['cls_token'].float())  # the file, unchanged
+    kept = torch.load(tmp_path / 'work' / 'curve' / f'dbot-mae-teacher-e{epochs}' / 'teacher-stage0.pth',
+                      weights_only=False)  # the teacher dBOT's checkpoints name
+    assert torch.equal(kept['model']['cls_token'], torch.load(teacher)['cls_token'].float())  # the file, unchanged
     assert reproduce.curve_rows(args, tmp_path, 8)[-1][3] == ['--stage_epochs', '3,3,2']  # the paper's 3 stages
     # the table and the chart: a line per row and the teacher's own top-1 as the reference line
     table = (curve / 'curve.md').read_text()

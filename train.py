@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,12 @@ def get_args_parser():
     group.add_argument('--log_every', default=50, type=flags.COUNT,
                        help='steps between progress updates (host syncs)')
     group.add_argument('--vis_every', default=10, type=flags.COUNT, help='epochs between reconstruction PNGs')
+    group.add_argument('--tensorboard', action='store_true',
+                       help='also write the logs\' numbers as TensorBoard scalars in OUTPUT_DIR/tensorboard (needs the '
+                       'tensorboard package, not a requirement)')
+    group.add_argument('--save_every', default=1, type=flags.COUNT,
+                       help='epochs between writes of checkpoint-last.pth (the last epoch and a signal always save; a '
+                       'kill loses at most this many epochs)')
     group.add_argument('--save_epochs', default=[], type=flags.Ranges(flags.COUNT),
                        help='also keep the checkpoint after these epochs, e.g. 2,4,8 (checkpoint-epochN.pth), for '
                        'evaluating the encoder along the schedule')
@@ -171,7 +178,7 @@ def teacher_as_meant(identity):
 # What each flag may change when a run resumes (flags.OnResume): a flag named nowhere here is the run's identity.
 ON_RESUME = flags.OnResume(
     free=('data_dir', 'num_workers', 'device', 'compile', 'output_dir', 'resume', 'log_every', 'vis_every',
-          'save_epochs'),
+          'tensorboard', 'save_every', 'save_epochs'),
     schedule=('epochs', 'stage_epochs', 'warmup_epochs', 'blr', 'lr', 'min_lr', 'weight_decay', 'betas', 'opt_eps',
               'clip_grad', 'skip_nonfinite', 'drop_path', 'precision'),
     position=('batch_size', 'accum_iter', 'seed', 'gpu_data', 'decode_on_device'), meant=teacher_as_meant)
@@ -186,7 +193,7 @@ def pretrain(args):
     run = set_up(args)
     if run is None:
         return
-    with runtime.stop_after_step():  # a signal now stops the run after a step, with its position saved
+    with runtime.stop_after_step(), run.board:  # a signal now stops the run after a step, with its position saved
         for epoch in range(run.start_epoch, args.epochs):
             # Every (epoch, rank) has its own RNG streams derived from --seed, so a resumed run draws the same masks,
             # augmentations and re-initialisations as an uninterrupted one without storing RNG state (data loader
@@ -297,14 +304,17 @@ def forward_backward(model, teacher, imgs, mask_ratio, autocast, share=1.0):
 
 
 def end_epoch(run, epoch, row):
-    """The end of an epoch: the reconstruction figure when one is due, then the checkpoint and the log row it covers
-    (and the epoch's own copy of the checkpoint when --save_epochs names it)."""
+    """The end of an epoch: the reconstruction figure when one is due, then the log row and, every --save_every epochs
+    and at the last, the checkpoint that covers it (and the epoch's own copy when --save_epochs names it). A signal
+    saves at once whatever --save_every says (train_one_epoch)."""
     args = run.args
     if run.is_main and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
         save_reconstructions(run, run.out / f'vis-epoch{epoch:04d}.png')
     kept = [run.out / f'checkpoint-epoch{epoch + 1}.pth'] if epoch + 1 in args.save_epochs else []
+    due = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or kept
     run.last_row = row
-    checkpoints.save_epoch(run, run_state(run), epoch, also=kept)
+    checkpoints.save_epoch(run, run_state(run) if due else None, epoch, also=kept)
+    run.board.epoch(run.last_row, (epoch + 1) * run.steps_per_epoch)  # with its time and memory
 
 
 def save_reconstructions(run, path):
@@ -320,7 +330,7 @@ def save_reconstructions(run, path):
 def run_state(run):
     """What a checkpoint holds besides its position: weights, optimizer, stage and teacher, flags and the log row."""
     return dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), stage=run.stage,
-                teacher=run.raw_model.teacher_state(run.teacher), args=vars(run.args), identity=run.identity,
+                teacher=run.teacher_kept, args=vars(run.args), identity=run.identity,
                 world_size=run.world_size, log_row=run.last_row)
 
 
@@ -337,12 +347,10 @@ def switch_stage(run):
     # the new one's gradients (the official code keeps them; warmup makes the difference small).
     run.optimizer = build_optimizer(run.raw_model, run.args, run.peak_lr)
     run.flops = flops_per_image(run.raw_model, run.teacher, run.args, run.device)  # --teacher_depth 0: a whole ViT now
+    run.teacher_kept = checkpoints.keep_teacher(run, run.raw_model.teacher_state(run.teacher))
     if run.is_main:
-        path = run.out / f'teacher-stage{run.stage}.pth'
-        checkpoints.save_checkpoint(dict(model=run.raw_model.teacher_state(run.teacher), args=vars(run.args),
-                                         stage=run.stage), path)
-        print(f'stage {run.stage}: the student of stage {run.stage - 1} is the frozen teacher now ({path}); the '
-              f'student starts again from a fresh initialisation')
+        print(f'stage {run.stage}: the student of stage {run.stage - 1} is the frozen teacher now '
+              f'({run.out / f"teacher-stage{run.stage}.pth"}); the student starts again from a fresh initialisation')
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -406,6 +414,7 @@ class Run(runtime.Run):
     raw_model: torch.nn.Module = None
     model: torch.nn.Module = None  # raw_model compiled and/or in DDP: what the steps call
     teacher: torch.nn.Module | None = None
+    teacher_kept: object = None  # what the checkpoints keep of it (checkpoints.keep_teacher)
     optimizer: torch.optim.Optimizer = None
     eff_batch: int = 0  # images per optimizer step, over every process and micro-batch
     peak_lr: float = 0.0
@@ -413,6 +422,7 @@ class Run(runtime.Run):
     stage: int = 0
     stage_starts: list = field(default_factory=list)  # the first epoch of every stage
     warmup_steps: list = field(default_factory=list)  # per stage
+    board: 'Board' = None  # --tensorboard's writer (rank 0), or one that writes nothing
     # measured once: training FLOPs per image (again at a stage switch), the card's peak (GPUs)
     flops: float = 0.0
     peak_flops: float | None = None
@@ -438,20 +448,27 @@ def set_up(args):
     checkpoints.read_resumed(run, ('model', 'optimizer', 'epoch', 'step', 'stage', 'teacher'), ON_RESUME,
                              run.identity)
     build_model(run)
+    resumed_teacher = run.ckpt and run.ckpt['teacher']
     if run.ckpt:  # its weights, optimizer, epoch and stage, and logs that say what it covers
         checkpoints.restore_training(run, run.raw_model, run.optimizer)
         run.stage, position = run.ckpt['stage'], (run.ckpt['epoch'], run.ckpt['step'])
         if run.is_main:
             checkpoints.restore_log(run.out / 'steps.jsonl', lambda row: (row['epoch'], row['end_step']) <= position)
+    elif run.is_main:  # a fresh start: what a run killed before its first checkpoint logged covers nothing
+        for log in ('log.jsonl', 'steps.jsonl'):
+            checkpoints.restore_log(run.out / log, lambda row: False)
     if run.start_epoch >= args.epochs:
         if run.is_main:
             print(f'nothing to do: {run.resume} has already trained {run.start_epoch} of {args.epochs} epochs')
         return None
+    run.board = Board(run.out if args.tensorboard and run.is_main else None,
+                      run.start_epoch * run.steps_per_epoch + (run.ckpt['step'] if run.ckpt else 0) + 1)
 
     # Training FLOPs per image, for MFU against the card's measured peak (counted again when a stage ends)
     run.peak_flops = flops.measured_peak_flops(run.device) if run.device.type == 'cuda' else None
     run.flops = flops_per_image(run.raw_model, run.teacher, args, run.device)
     run.model = wrapped(run)
+    run.teacher_kept = checkpoints.keep_teacher(run, run.raw_model.teacher_state(run.teacher), resumed_teacher)
 
     # A fixed batch and fixed masks, so that the PNGs of successive epochs are comparable.
     vis_ids = torch.linspace(0, len(run.images.vis_dataset) - 1, 8).long().tolist()
@@ -491,7 +508,7 @@ def build_model(run):
     method = METHODS[args.method]
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     try:  # impossible configurations surface as ValueError from the method: one line, no traceback
-        teacher = method.build_teacher(args, ckpt['teacher'] if ckpt else None)
+        teacher = method.build_teacher(args, checkpoints.saved_teacher(run) if ckpt else None)
         run.raw_model = method.from_args(args, teacher).to(run.device)
     except ValueError as e:
         runtime.fail(e)
@@ -506,8 +523,15 @@ def wrapped(run):
     """What the steps call: the model compiled (--compile) and, with several processes, in DDP."""
     model = torch.compile(run.raw_model, mode=run.args.compile) if run.args.compile else run.raw_model
     if run.world_size > 1:
+        # gradients as views of DDP's buckets: no second copy of them (0.4 / 1.2 / 2.4 GiB at ViT-B / L / H). A static
+        # graph (every method uses every parameter in every step, and a stage switch that changes the parameters
+        # wraps the model anew) lets DDP fix its buckets after the first step, but it fails on the no_sync() of
+        # gradient accumulation (an internal assert in torch 2.14's reducer): only without --accum_iter.
         model = DDP(model, device_ids=[run.device.index] if run.device.type == 'cuda' else None,
-                    gradient_as_bucket_view=True)  # the gradients live in DDP's buckets: no second copy
+                    gradient_as_bucket_view=True, static_graph=run.args.accum_iter == 1)
+        if run.device.type == 'cpu':  # MCMAE's 1x1 and depthwise convolutions get gradients whose strides differ
+            # from their buckets' only along dimensions of size 1 (the same memory layout): nothing to act on
+            warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     return model
 
 
@@ -601,6 +625,7 @@ class EpochTally:
                 with open(run.out / 'steps.jsonl', 'a') as f:
                     f.write(json.dumps(dict(epoch=self.epoch, stage=run.stage, first_step=window['first_step'],
                                             end_step=end_step, steps_per_epoch=run.steps_per_epoch, **means)) + '\n')
+                run.board.scalars('steps', means, self.epoch * run.steps_per_epoch + end_step)
         self.window = self.window_from(end_step)
 
     def epoch_row(self, lr):
@@ -617,6 +642,37 @@ class EpochTally:
             row['mfu'] = round(flops.mfu(img_per_s, run.flops, run.peak_flops, run.world_size), 4)
         unreadable = getattr(run.images.dataset, 'unreadable', torch.zeros(0))  # per file, on any rank (CIFAR: none)
         return dict(row, skipped_steps=self.skipped_steps, skipped_images=int(sum(runtime.max_over_ranks(unreadable))))
+
+
+class Board:
+    """--tensorboard: the numbers of steps.jsonl and log.jsonl also as TensorBoard scalars (steps/..., epoch/...) in
+    OUTPUT_DIR/tensorboard, at the optimizer step they end at (rank 0; elsewhere, and without the flag, it writes
+    nothing). A resumed run first purges what the stopped one wrote after its checkpoint (purge_step), as restore_log
+    cuts the logs; each epoch's row flushes the file, so that a kill loses nothing a checkpoint covers."""
+
+    def __init__(self, out, first_step):
+        """first_step: the first optimizer step (from 1) that the run is yet to take."""
+        self.writer = None
+        if out is not None:
+            from torch.utils.tensorboard import SummaryWriter  # checked at the start: validate_args
+            self.writer = SummaryWriter(out / 'tensorboard', purge_step=first_step)
+
+    def scalars(self, group, values, step):
+        for name, value in values.items():
+            if self.writer and isinstance(value, (int, float)) and name not in ('epoch', 'stage'):
+                self.writer.add_scalar(f'{group}/{name}', value, step)
+
+    def epoch(self, row, step):
+        self.scalars('epoch', row, step)
+        if self.writer:
+            self.writer.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        if self.writer:
+            self.writer.close()
 
 
 def save_figure(rows, caption, path, min_size=128):
@@ -670,6 +726,12 @@ def validate_args(args):
     """Every flag checked before any work starts: a bad one ends the run in one line naming it. Each number's own range
     is declared at the flag (flags.Range); what is checked here is how flags fit together."""
     method = METHODS[args.method]
+    if args.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (it imports the tensorboard package)
+        except ImportError:
+            runtime.fail('--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard, '
+                         'or leave the flag out (log.jsonl and steps.jsonl hold the same numbers)')
     if args.img_size % args.patch_size:
         runtime.fail(f'--img_size {args.img_size} is not divisible by --patch_size {args.patch_size}')
     tokens = (args.img_size // args.patch_size) ** 2
@@ -714,12 +776,8 @@ def validate_args(args):
 def main(args):
     refuse_unused_flags(args)
     validate_args(args)
-    with runtime.stop_on_signals(), runtime.exclusive_output_dir(args.output_dir), data.loader_errors_in_one_line(), \
-            runtime.out_of_memory_in_one_line():
-        try:
-            pretrain(args)
-        finally:
-            checkpoints.writer.wait()  # the last checkpoint is on disk when the script ends
+    with checkpoints.one_run(args.output_dir):
+        pretrain(args)
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@ that a restarted run continues where it stopped.
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -126,7 +127,8 @@ def keep_teacher(run, state, resumed=None):
     if not holds_weights(state):
         return state
     path = run.out / f'teacher-stage{run.stage}.pth'
-    if isinstance(resumed, dict) and 'teacher_file' in resumed and (run.resume.parent / resumed['teacher_file']) == path:
+    if isinstance(resumed, dict) and 'teacher_file' in resumed and \
+            (run.resume.parent / resumed['teacher_file']).resolve() == path.resolve():
         return resumed
     reference = dict(teacher_file=path.name, written=uuid.uuid4().hex)
     if run.is_main:
@@ -196,7 +198,28 @@ def restore_training(run, model, optimizer):
     run.ckpt = {key: value for key, value in ckpt.items() if key not in ('model', 'optimizer', 'teacher')}
     if run.is_main:
         print(f'resumed from {path} at epoch {run.start_epoch}, step {ckpt["step"]}')
+        rewind_to(run)
         restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch, run.last_row)
+
+
+def rewind_to(run):
+    """--resume of an earlier checkpoint of the run in its own folder (checkpoint-epochN.pth) makes it the folder's
+    checkpoint-last.pth at once, before the logs are cut back to it: a run killed before its next save then continues
+    from the rewound position, not from the later one that the logs no longer cover."""
+    own = run.out / 'checkpoint-last.pth'
+    if run.resume.parent.resolve() != run.out.resolve() or run.resume.resolve() == own.resolve():
+        return
+    if own.exists():
+        print(f'note: rewinding {run.out}: its checkpoint-last.pth (a later position of this run) is replaced by '
+              f'{run.resume}')
+    descriptor, tmp = tempfile.mkstemp(dir=run.out, prefix=f'.{own.name}.', suffix='.tmp')
+    os.close(descriptor)
+    try:
+        shutil.copyfile(run.resume, tmp)
+        os.replace(tmp, own)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        runtime.fail(f'could not copy {run.resume} to {own} ({e.strerror}): make room and rerun the same command')
 
 
 def load_state(module, state, source):

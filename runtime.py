@@ -352,9 +352,9 @@ def reached(stopping):
 
 # After a stop signal, how long a rank may take to reach its stop (the step in progress, a vote, the start of the
 # save) before it is taken to be waiting for a rank that is gone. A collective blocked on a lost or frozen node waits
-# in C++, where Python runs no signal handler, for up to COLLECTIVE_TIMEOUT; schedulers kill 30 s (torchrun, SLURM's
-# default KillWait) to minutes (SLURM's --signal=USR1@120) after their signal.
-STOP_GRACE_SECONDS = 60.0
+# in C++, where Python runs no signal handler, for up to COLLECTIVE_TIMEOUT. Within the 30 s after which torchrun and
+# SLURM (its default KillWait) kill what their SIGTERM did not end; a healthy rank's stop takes a step and a vote.
+STOP_GRACE_SECONDS = 20.0
 WATCH_ENDS = bytes(1)  # no signal's number: what stop_on_signals writes to end the watch (forked loader workers
 # hold the pipe's write end too, so its closing is no end of file)
 
@@ -411,9 +411,9 @@ def stop_on_signals():
         yield
     finally:
         stop_reached.set()  # the script has come to its end: the watch stands down
+        for sig in STOP_SIGNALS:  # its work is saved: a signal now would only turn its exit into a failure
+            signal.signal(sig, signal.SIG_IGN)
         sys.stdout, sys.stderr = streams
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         signal.set_wakeup_fd(previous_wakeup)
         os.write(wakeup, WATCH_ENDS)
         watch.join()
@@ -422,6 +422,8 @@ def stop_on_signals():
         if dist.is_initialized():
             dist.destroy_process_group()
         stop_loader_workers()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 class StopWhenClosed:

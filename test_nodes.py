@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import checkpoints
+import flags
 import runtime
 import train
 from conftest import make_image_folder
@@ -200,6 +201,24 @@ def two_nodes(images, out, kill_at):
     return finish(launchers, timeout=900)
 
 
+def test_two_static_launchers_train_as_one_node_of_two_processes(images, tmp_path):
+    """The static form (--node_rank, --master_addr, --master_port), one launcher per node: the same losses and the
+    same final weights, bit for bit, as one launcher of two processes."""
+    def launch(out, *launcher_flags):
+        return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *launcher_flags, 'train.py', '--data',
+                                 str(images), '--output_dir', str(out), *TINY, '--epochs', '2'], cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS='1'))
+    port = free_port()
+    nodes = finish([launch(tmp_path / 'nodes', '--nnodes', '2', '--node_rank', str(rank), '--nproc_per_node', '1',
+                           '--master_addr', 'localhost', '--master_port', str(port)) for rank in range(2)])
+    one = finish([launch(tmp_path / 'one', '--standalone', '--nproc_per_node', '2')])
+    assert [code for code, _ in nodes + one] == [0, 0, 0], nodes[0][1][-3000:] + one[0][1][-3000:]
+    assert [row['loss'] for row in rows(tmp_path / 'nodes')] == [row['loss'] for row in rows(tmp_path / 'one')]
+    final = [torch.load(tmp_path / name / 'checkpoint-last.pth', weights_only=True)['model'] for name in ('nodes', 'one')]
+    assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
+
+
 def test_two_nodes_recover_from_a_killed_worker_and_end_as_an_uninterrupted_run(images, tmp_path):
     straight = two_nodes(images, tmp_path / 'straight', kill_at=0)
     assert [code for code, _ in straight] == [0, 0], straight[0][1][-3000:]
@@ -263,6 +282,25 @@ def test_save_every_writes_every_n_epochs_and_the_last_and_dbot_teachers_once_pe
     assert [row['loss'] for row in rows(tmp_path / 'killed')] == [row['loss'] for row in rows(tmp_path / 'straight')]
     again = torch.load(tmp_path / 'killed' / 'checkpoint-last.pth', weights_only=True)
     assert all(torch.equal(again['model'][key], value) for key, value in final['model'].items())
+
+
+def test_a_rewind_is_the_folders_position_at_once_however_its_path_is_spelled(images, tmp_path, monkeypatch):
+    """--resume of the run's own checkpoint-epoch3.pth (dBOT, stage 1), through a link to the folder, killed before
+    its next save: the plain command then continues from the rewound position, with the stage's teacher file as
+    it was, and ends as the uninterrupted run."""
+    out, run_flags = tmp_path / 'run', [*DBOT, '--save_epochs', '1,3']
+    pretrain(images, out, *run_flags)
+    straight = [row['loss'] for row in rows(out)]
+    (tmp_path / 'link').symlink_to(out)
+    real = train.train_one_epoch
+    monkeypatch.setattr(train, 'train_one_epoch',
+                        lambda run, epoch: sys.exit('killed') if epoch == 3 else real(run, epoch))
+    with pytest.raises(SystemExit):
+        pretrain(images, out, *run_flags, '--resume', str(tmp_path / 'link' / 'checkpoint-epoch3.pth'))
+    monkeypatch.setattr(train, 'train_one_epoch', real)
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 3 and len(rows(out)) == 3
+    pretrain(images, out, *run_flags)
+    assert [row['loss'] for row in rows(out)] == straight
 
 
 def test_a_checkpoints_teacher_file_must_be_the_one_it_trained_with_and_older_checkpoints_still_resume(
@@ -351,7 +389,8 @@ def test_the_documented_sbatch_script_trains_the_tasks_together_and_requeues_at_
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     (bin_dir / 'srun').write_text(FAKE_SRUN.format(python=sys.executable))
-    (bin_dir / 'scontrol').write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    # the stand-in scontrol also counts the tasks still running when the job is requeued
+    (bin_dir / 'scontrol').write_text(f'#!/bin/sh\necho "$@" $(pgrep -fc "train.py --data") >> {tmp_path / "scontrol.log"}\n')
     for tool in ('srun', 'scontrol'):
         (bin_dir / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')}
@@ -368,10 +407,21 @@ def test_the_documented_sbatch_script_trains_the_tasks_together_and_requeues_at_
     job.send_signal(signal.SIGUSR1)
     output = job.communicate(timeout=300)[0]
     assert job.returncode == 0 and 'Traceback' not in output, output[-3000:]
-    assert (tmp_path / 'scontrol.log').read_text() == 'requeue 4242\n'
+    assert (tmp_path / 'scontrol.log').read_text() == 'requeue 4242 0\n'  # once the tasks have saved and ended
     assert json.loads((out / 'args.json').read_text())['world_size'] == 2
     assert len(rows(out)) < 4
     requeued = subprocess.run(argv, cwd=HERE, env=dict(env, MASTER_PORT=str(free_port())), capture_output=True,
                               text=True, timeout=600)
     assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
     assert [row['epoch'] for row in rows(out)] == list(range(4))
+
+
+def test_an_srun_tasks_loader_workers_are_its_own_cores_and_torchruns_processes_share_theirs(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)))
+    for name in ('SLURM_STEP_NUM_TASKS', 'SLURM_CPUS_PER_TASK', 'SLURM_NTASKS_PER_NODE'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')
+    assert flags.default_workers() == 2  # torchrun: four processes share the eight cores
+    monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '8')
+    monkeypatch.setenv('SLURM_CPUS_PER_TASK', '8')
+    assert flags.default_workers() == 8  # srun bound the task to its eight cores: not divided again

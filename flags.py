@@ -85,8 +85,7 @@ HEADS = Range(int, 1, 1024)
 def default_workers():
     """Loader workers per process: the cores this process may run on (its affinity: a scheduler's share of the node,
     not every core the node has) shared among the processes torchrun starts on it (srun's tasks each have their
-    own: SLURM_CPUS_PER_TASK), at most 8 (beyond that the model,
-    not decoding, is usually the limit), at least 1."""
+    own: SLURM_CPUS_PER_TASK), at most 8 (beyond that the model, not decoding, is usually the limit), at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     share = os.environ.get('SLURM_CPUS_PER_TASK', '')
     if os.environ.get('SLURM_STEP_NUM_TASKS') and share.isdigit():  # a task of srun: its cores are its own already

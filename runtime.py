@@ -284,7 +284,7 @@ stop_requested = False  # by a signal, or reproduce.py's deadline: the training 
 in_training_loop = False
 
 
-stop_reached = threading.Event()  # the rank has reached its stop after a signal (end_when_stuck stands down)
+stop_reached = threading.Event()  # a signal's handler ran: the main thread is not blocked (end_when_stuck stands down)
 
 
 def request_stop():
@@ -305,8 +305,8 @@ def on_signal(signum, frame):
     extraction, k-NN, the linear classifier, evaluation, reproduce.py between runs) there is no position to save,
     and the run ends now, in one line."""
     request_stop()
+    stop_reached.set()
     if not in_training_loop:
-        stop_reached.set()
         fail(f'stopped by {signal.Signals(signum).name} where there is nothing to save; the last checkpoint, if any, '
              f'is intact: the same command continues from it')
 
@@ -333,7 +333,7 @@ class StopVote:
         if done >= steps_per_epoch:
             return False
         if self.world_size == 1:
-            return reached(stop_requested)
+            return stop_requested
         if done < self.next_vote:
             return False
         now = time.perf_counter()
@@ -341,19 +341,13 @@ class StopVote:
         seconds_per_step = elapsed / (done - self.last_step)
         self.next_vote = done + max(1, int(STOP_VOTE_SECONDS / max(seconds_per_step, 1e-9)))
         self.last_step, self.last_time = done, now
-        return reached(bool(signalled))
+        return bool(signalled)
 
 
-def reached(stopping):
-    if stopping:
-        stop_reached.set()
-    return stopping
-
-
-# After a stop signal, how long a rank may take to reach its stop (the step in progress, a vote, the start of the
-# save) before it is taken to be waiting for a rank that is gone. A collective blocked on a lost or frozen node waits
-# in C++, where Python runs no signal handler, for up to COLLECTIVE_TIMEOUT. Within the 30 s after which torchrun and
-# SLURM (its default KillWait) kill what their SIGTERM did not end; a healthy rank's stop takes a step and a vote.
+# After a stop signal, how long the main thread may go without running its handler (on_signal) before it is taken to
+# be blocked in a collective that waits for a rank that is gone: there, in C++, Python runs no handler, for up to
+# COLLECTIVE_TIMEOUT. Within the 30 s after which torchrun and SLURM (its default KillWait) kill what their SIGTERM did
+# not end. A healthy main thread runs the handler within one operation, and then stops as on_signal says.
 STOP_GRACE_SECONDS = 20.0
 WATCH_ENDS = bytes(1)  # no signal's number: what stop_on_signals writes to end the watch (forked loader workers
 # hold the pipe's write end too, so its closing is no end of file)
@@ -361,9 +355,9 @@ WATCH_ENDS = bytes(1)  # no signal's number: what stop_on_signals writes to end 
 
 def end_when_stuck(wakeups):
     """The watch of a helper thread (stop_on_signals): signal.set_wakeup_fd writes the number of every signal to the
-    pipe `wakeups`, even while the main thread is blocked in C++. A stop signal that the main thread has not acted on
-    within STOP_GRACE_SECONDS (stop_reached) finds it blocked in a collective that waits for a rank that is gone: the
-    process ends here, in one line, and the last checkpoint stands."""
+    pipe `wakeups`, even while the main thread is blocked in C++. A stop signal whose handler the main thread has not
+    run within STOP_GRACE_SECONDS (stop_reached) finds it blocked in a collective that waits for a rank that is gone:
+    the process ends here, in one line, and the last checkpoint stands."""
     while (received := os.read(wakeups, 1)) != WATCH_ENDS:
         if received[0] in STOP_SIGNALS and not stop_reached.wait(STOP_GRACE_SECONDS):
             rank = f'rank {dist.get_rank()}' if dist.is_initialized() else 'the run'

@@ -311,7 +311,7 @@ def end_epoch(run, epoch, row):
     if run.is_main and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
         save_reconstructions(run, run.out / f'vis-epoch{epoch:04d}.png')
     kept = [run.out / f'checkpoint-epoch{epoch + 1}.pth'] if epoch + 1 in args.save_epochs else []
-    due = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or kept
+    due = (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs or bool(kept)
     run.last_row = row
     checkpoints.save_epoch(run, run_state(run) if due else None, epoch, also=kept)
     run.board.epoch(run.last_row, (epoch + 1) * run.steps_per_epoch)  # with its time and memory

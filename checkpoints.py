@@ -81,28 +81,66 @@ def load_checkpoint(path, required_keys=()):
         checkpoint = load_weights_file(path)
     except Exception as e:  # truncated, foreign or missing: one line, whatever torch raised
         runtime.fail(f'cannot read checkpoint {path}: {" ".join(str(e).split())[:300]}')
-    missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        runtime.fail(f'{path} is not a checkpoint of this script (it has no {", ".join(missing)})')
     written = checkpoint.get('format', 0) if isinstance(checkpoint, dict) else 0
     if not isinstance(written, int) or written > FORMAT:
         runtime.fail(f'{path} was written by a newer version of this repository (checkpoint format '
                      f'{written}; this code reads up to {FORMAT}): update the code')
+    return refuse_missing_keys(checkpoint, path, required_keys)
+
+
+def refuse_missing_keys(checkpoint, path, required_keys):
+    missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        runtime.fail(f'{path} is not a checkpoint of this script (it has no {", ".join(missing)})')
     return checkpoint
 
 
 def read_resumed(run, required, on_resume, identity):
     """The checkpoint `run` (a runtime.Run) continues: --resume, else OUTPUT_DIR/checkpoint-last.pth when there is
-    one, into run.resume, run.ckpt (None when there is none) and run.last_row. `required`: the keys besides 'args'
-    its script's checkpoints hold; a checkpoint of another run, or changed flags, as on_resume (flags.OnResume) and
-    this run's `identity` say."""
-    run.resume = Path(run.args.resume) if run.args.resume else run.out / 'checkpoint-last.pth'
-    if run.args.resume or run.resume.exists():
-        run.ckpt = load_checkpoint(run.resume, ('args', *required))
-        refuse_another_runs_folder(run, on_resume)
+    one, into run.resume, run.ckpt (None when there is none), run.last_row and run.begun_from. `required`: the keys
+    besides 'args' its script's checkpoints hold; a checkpoint of another run, or changed flags, as on_resume
+    (flags.OnResume) and this run's `identity` say.
+    --resume FILE begins the run from FILE, and its checkpoints record so (begun_from): the same command run again
+    after a stop (a requeued job, a rerun) continues the folder's checkpoint-last.pth, rather than beginning from
+    FILE again, which would undo the epochs trained since."""
+    own = run.out / 'checkpoint-last.pth'
+    run.resume = Path(run.args.resume) if run.args.resume else own
+    ours = None  # the folder's own checkpoint, when --resume names another file
+    if run.args.resume and own.exists() and own.resolve() != run.resume.resolve():
+        ours = load_checkpoint(own, ('args',))
+    continuing = ours is not None and bool(spellings(run.resume) & set(ours.get('begun_from', ())))
+    if continuing:
+        run.resume, begun = own, run.resume
+    if run.args.resume or own.exists():
+        run.ckpt = refuse_missing_keys(ours, own, ('args', *required)) if continuing else \
+            load_checkpoint(run.resume, ('args', *required))
+        if ours is not None and not continuing:
+            refuse_another_runs_folder(run, on_resume, ours)
         on_resume.check(run.ckpt, run.args, identity, run.resume, run.is_main)
         run.last_row = run.ckpt.get('log_row')
+    if continuing and run.is_main:
+        print(f'note: {own} is this run begun from --resume {begun} (now at epoch {run.ckpt["epoch"]}): it goes on '
+              f'from there; to begin from {begun} again, delete that file')
+    run.begun_from = begun_from(run, continuing)
     refuse_differing_positions(run)
+
+
+def spellings(path):
+    """A path as typed (made absolute: a link re-pointed since is still the file the command names) and resolved
+    (the same file by another spelling)."""
+    return {os.path.abspath(path), str(Path(path).resolve())}
+
+
+def begun_from(run, continuing):
+    """The --resume files the run's checkpoints descend from: a file in another folder begins a new line; one in
+    the run's own folder (a rewind, or its checkpoint-last.pth) adds to the line's files, so that the command of
+    each start, run again, continues the run."""
+    kept = list(run.ckpt.get('begun_from', ())) if run.ckpt else []
+    if not run.args.resume or continuing:
+        return kept
+    added = spellings(run.resume)
+    in_own_folder = run.resume.parent.resolve() == run.out.resolve()
+    return sorted(set(kept) | added) if in_own_folder else sorted(added)
 
 
 def refuse_differing_positions(run):
@@ -169,14 +207,11 @@ def announce_world_size(run, steps_per_epoch):
               f'{steps_per_epoch * run.world_size // before} -> {steps_per_epoch} steps per epoch')
 
 
-def refuse_another_runs_folder(run, on_resume):
-    """--resume FILE writes on into --output_dir: refused when the folder holds another run's checkpoint-last.pth,
-    which it would replace, and whose log it would splice with this one's. (The same run's earlier checkpoint, e.g.
-    checkpoint-epoch4.pth, may rewind it: the log is cut back to what that checkpoint covers.)"""
-    own = run.out / 'checkpoint-last.pth'
-    if not run.args.resume or not own.exists() or own.resolve() == run.resume.resolve():
-        return
-    if on_resume.saved_identity(load_checkpoint(own, ('args',))) != on_resume.saved_identity(run.ckpt):
+def refuse_another_runs_folder(run, on_resume, own):
+    """--resume FILE writes on into --output_dir: refused when the folder holds another run's checkpoint-last.pth
+    (`own`), which it would replace, and whose log it would splice with this one's. (The same run's earlier
+    checkpoint, e.g. checkpoint-epoch4.pth, may rewind it: the log is cut back to what that checkpoint covers.)"""
+    if on_resume.saved_identity(own) != on_resume.saved_identity(run.ckpt):
         runtime.fail(f'--output_dir {run.out} holds another run (its checkpoint-last.pth is not of the run in '
                      f'--resume {run.resume}), which this one would overwrite: continue {run.resume} in an empty '
                      f'--output_dir')

@@ -235,7 +235,8 @@ def end_epoch(run, epoch, row):
 def run_state(run):
     """What a checkpoint holds besides its position: weights, optimizer, the best top-1 so far, flags and log row."""
     return dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), best_acc1=run.best_acc1,
-                args=vars(run.args), identity=run.identity, world_size=run.world_size, log_row=run.last_row)
+                args=vars(run.args), identity=run.identity, world_size=run.world_size, log_row=run.last_row,
+                begun_from=run.begun_from)
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class Run:
     ckpt: dict | None = None  # what was resumed: its position (its weights are freed once restored)
     start_epoch: int = 0
     last_row: dict | None = None  # the log's last row, which every checkpoint holds
+    begun_from: list = field(default_factory=list)  # the --resume files its checkpoints descend from
     identity: dict = None  # what a checkpoint must match to be continued (flags.OnResume.identity, and the data's)
     started: float = field(default_factory=time.time)  # this process's start, for the log's elapsed seconds
 

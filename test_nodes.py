@@ -303,6 +303,52 @@ def test_a_rewind_is_the_folders_position_at_once_however_its_path_is_spelled(im
     assert [row['loss'] for row in rows(out)] == straight
 
 
+def test_the_same_resume_command_run_again_continues_what_it_began(images, tmp_path, monkeypatch, capsys):
+    """--resume FILE begins a run from FILE. The same command run again after a stop (a requeued job, a rerun)
+    continues the folder's checkpoint, rather than starting from FILE again, whether FILE is another folder's
+    checkpoint or the run's own earlier one (a rewind); and once the run is done, it has nothing to do."""
+    first, run_flags = tmp_path / 'first', [*DBOT, '--save_epochs', '1']
+    pretrain(images, first, *run_flags)
+    straight = [row['loss'] for row in rows(first)]
+    command = [*run_flags, '--resume', str(first / 'checkpoint-epoch1.pth')]
+    real = train.train_one_epoch
+    for out in (tmp_path / 'moved', first):
+        monkeypatch.setattr(train, 'train_one_epoch',
+                            lambda run, epoch: sys.exit('killed') if epoch == 3 else real(run, epoch))
+        with pytest.raises(SystemExit):
+            pretrain(images, out, *command)
+        trained = []
+        monkeypatch.setattr(train, 'train_one_epoch', lambda run, epoch: trained.append(epoch) or real(run, epoch))
+        assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 2  # --save_every 2
+        capsys.readouterr()
+        pretrain(images, out, *command)
+        assert trained == [2, 3] and 'is this run begun from --resume' in capsys.readouterr().out
+        assert [row['loss'] for row in rows(out)] == straight
+        pretrain(images, out, *command)
+        assert 'nothing to do' in capsys.readouterr().out and [row['loss'] for row in rows(out)] == straight
+
+
+def test_the_command_of_every_start_of_a_run_continues_it(images, tmp_path, capsys):
+    """A run begun from another folder's file through a link, lengthened by --resume of its own checkpoint-last.pth,
+    then rewound: each of these commands, run again later (the link re-pointed meanwhile), continues the run."""
+    pretrain(images, tmp_path / 'a', '--epochs', '1')
+    latest, out = tmp_path / 'latest.pth', tmp_path / 'b'
+    latest.symlink_to(tmp_path / 'a' / 'checkpoint-last.pth')
+    starts = [['--epochs', '2', '--save_epochs', '2', '--resume', str(latest)],
+              ['--epochs', '3', '--resume', str(out / 'checkpoint-last.pth')],
+              ['--epochs', '4', '--resume', str(out / 'checkpoint-epoch2.pth')]]  # a rewind to epoch 2
+    for start in starts:
+        pretrain(images, out, *start)
+    assert [row['epoch'] for row in rows(out)] == [0, 1, 2, 3]
+    shutil.copy(latest, tmp_path / 'copy.pth')
+    latest.unlink()
+    latest.symlink_to(tmp_path / 'copy.pth')
+    for start in starts:
+        capsys.readouterr()
+        pretrain(images, out, *start[2:], '--epochs', '4')
+        assert 'nothing to do' in capsys.readouterr().out and len(rows(out)) == 4
+
+
 def test_a_checkpoints_teacher_file_must_be_the_one_it_trained_with_and_older_checkpoints_still_resume(
         images, tmp_path):
     first = tmp_path / 'first'

@@ -331,7 +331,7 @@ def run_state(run):
     """What a checkpoint holds besides its position: weights, optimizer, stage and teacher, flags and the log row."""
     return dict(model=run.raw_model.state_dict(), optimizer=run.optimizer.state_dict(), stage=run.stage,
                 teacher=run.teacher_kept, args=vars(run.args), identity=run.identity,
-                world_size=run.world_size, log_row=run.last_row)
+                world_size=run.world_size, log_row=run.last_row, begun_from=run.begun_from)
 
 
 def switch_stage(run):

@@ -125,6 +125,15 @@ def read_resumed(run, required, on_resume, identity):
     refuse_differing_positions(run)
 
 
+def finished_already(run, epochs):
+    """Whether the run resumed has already trained its `epochs` (a finished run's command run again): said so."""
+    if run.start_epoch < epochs:
+        return False
+    if run.is_main:
+        print(f'nothing to do: {run.resume} has already trained {run.start_epoch} of {epochs} epochs')
+    return True
+
+
 def spellings(path):
     """A path as typed (made absolute: a link re-pointed since is still the file the command names) and resolved
     (the same file by another spelling)."""

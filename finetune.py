@@ -159,13 +159,14 @@ def evaluate_encoder(args):
     if args.mode in ('knn', 'frozen'):
         return evaluate_frozen(run)
     set_up_training(run)
-    with runtime.stop_after_step():  # a signal now stops the run after a step, with its position saved
-        for epoch in range(run.start_epoch, args.epochs):
-            runtime.seed_everything(args.seed, epoch, run.rank)  # as train.py: resume without stored RNG state
-            row = train_one_epoch(run, epoch)
-            if row is None:  # stopped by a signal
-                return
-            end_epoch(run, epoch, row)
+    if not checkpoints.finished_already(run, args.epochs):
+        with runtime.stop_after_step():  # a signal now stops the run after a step, with its position saved
+            for epoch in range(run.start_epoch, args.epochs):
+                runtime.seed_everything(args.seed, epoch, run.rank)  # as train.py: resume without stored RNG state
+                row = train_one_epoch(run, epoch)
+                if row is None:  # stopped by a signal
+                    return
+                end_epoch(run, epoch, row)
     if run.is_main:
         print(f'best val top-1: {run.best_acc1:.2f}%')
         if args.export_timm:

@@ -138,10 +138,14 @@ def test_knn_logs_accuracy(pretrained, image_folder, tmp_path):
     assert row['mode'] == 'knn' and 0 <= row['val_acc1'] <= 100
 
 
-def test_from_scratch_and_resume(image_folder, tmp_path):
+def test_from_scratch_and_resume(image_folder, tmp_path, capsys):
+    """Lengthened, the run continues; its command run again once it is done has nothing to do."""
     scratch = ['--model', 'vit_tiny', '--patch_size', '8', '--img_size', '32', '--mixup', '0', '--cutmix', '0']
     finetune.main(ft_args('none', image_folder, tmp_path, *scratch))
     finetune.main(ft_args('none', image_folder, tmp_path, *scratch, '--epochs', '2'))
+    capsys.readouterr()
+    finetune.main(ft_args('none', image_folder, tmp_path, *scratch, '--epochs', '2'))
+    assert 'nothing to do: ' in capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert [row['epoch'] for row in rows] == [0, 1]
 

@@ -457,9 +457,7 @@ def set_up(args):
     elif run.is_main:  # a fresh start: what a run killed before its first checkpoint logged covers nothing
         for log in ('log.jsonl', 'steps.jsonl'):
             checkpoints.restore_log(run.out / log, lambda row: False)
-    if run.start_epoch >= args.epochs:
-        if run.is_main:
-            print(f'nothing to do: {run.resume} has already trained {run.start_epoch} of {args.epochs} epochs')
+    if checkpoints.finished_already(run, args.epochs):
         return None
     run.board = Board(run.out if args.tensorboard and run.is_main else None,
                       run.start_epoch * run.steps_per_epoch + (run.ckpt['step'] if run.ckpt else 0) + 1)

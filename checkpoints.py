@@ -120,7 +120,7 @@ def read_resumed(run, required, on_resume, identity):
         run.last_row = run.ckpt.get('log_row')
     if continuing and run.is_main:
         print(f'note: {own} is this run begun from --resume {begun} (now at epoch {run.ckpt["epoch"]}): it goes on '
-              f'from there; to begin from {begun} again, delete that file')
+              f'from there; to begin from {begun} again, delete {own}')
     run.begun_from = begun_from(run, continuing)
     refuse_differing_positions(run)
 
@@ -148,8 +148,12 @@ def begun_from(run, continuing):
     if not run.args.resume or continuing:
         return kept
     added = spellings(run.resume)
-    in_own_folder = run.resume.parent.resolve() == run.out.resolve()
-    return sorted(set(kept) | added) if in_own_folder else sorted(added)
+    return sorted(set(kept) | added) if in_folder(run.resume, run.out) else sorted(added)
+
+
+def in_folder(path, folder):
+    """Whether the file `path` names (through links too) lies in `folder`: a run's own checkpoint."""
+    return Path(path).resolve().parent == Path(folder).resolve()
 
 
 def refuse_differing_positions(run):
@@ -217,13 +221,15 @@ def announce_world_size(run, steps_per_epoch):
 
 
 def refuse_another_runs_folder(run, on_resume, own):
-    """--resume FILE writes on into --output_dir: refused when the folder holds another run's checkpoint-last.pth
-    (`own`), which it would replace, and whose log it would splice with this one's. (The same run's earlier
-    checkpoint, e.g. checkpoint-epoch4.pth, may rewind it: the log is cut back to what that checkpoint covers.)"""
-    if on_resume.saved_identity(own) != on_resume.saved_identity(run.ckpt):
-        runtime.fail(f'--output_dir {run.out} holds another run (its checkpoint-last.pth is not of the run in '
-                     f'--resume {run.resume}), which this one would overwrite: continue {run.resume} in an empty '
-                     f'--output_dir')
+    """--resume FILE writes on into --output_dir, whose checkpoint-last.pth (`own`) was not begun from FILE: refused,
+    as FILE would replace that run and splice their logs, unless FILE is the same run's earlier checkpoint in that
+    folder (checkpoint-epoch4.pth), which rewinds it (the log is cut back to what that checkpoint covers). Which
+    run a file of another folder continues, if any, cannot be told from its flags: two seeds share them."""
+    if in_folder(run.resume, run.out) and on_resume.saved_identity(own) == on_resume.saved_identity(run.ckpt):
+        return
+    runtime.fail(f'--output_dir {run.out} holds another run (its checkpoint-last.pth was not begun from --resume '
+                 f'{run.resume}), which this one would overwrite: drop --resume to continue that run, or give an '
+                 f'empty --output_dir (or delete its checkpoint-last.pth) to begin from {run.resume}')
 
 
 def restore_training(run, model, optimizer):
@@ -251,7 +257,7 @@ def rewind_to(run):
     checkpoint-last.pth at once, before the logs are cut back to it: a run killed before its next save then continues
     from the rewound position, not from the later one that the logs no longer cover."""
     own = run.out / 'checkpoint-last.pth'
-    if run.resume.parent.resolve() != run.out.resolve() or run.resume.resolve() == own.resolve():
+    if not in_folder(run.resume, run.out) or run.resume.resolve() == own.resolve():
         return
     if own.exists():
         print(f'note: rewinding {run.out}: its checkpoint-last.pth (a later position of this run) is replaced by '

@@ -12,6 +12,8 @@ dbot.py's file and CLIP teachers, and by the scripts; knows no method. open_clip
 
 import argparse
 import hashlib
+import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -47,8 +49,14 @@ def load_weights_file(path):
         if damaged:
             raise ValueError(f'the file is damaged: its record {damaged} fails its CRC-32 check (a flipped bit, a copy '
                              f'cut short or altered)')
-    with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
-        return torch.load(path, map_location='cpu', weights_only=True)
+    elif head[:1] != b'\x80':  # torch.save writes a zip archive, or (its legacy format) a pickle
+        raise ValueError('it is neither a file of torch.save nor a .safetensors file')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # not torch's advice (weights_only=False), which would run the file's code
+        reason = re.split(r'Please use|Check the documentation', str(e).split('WeightsUnpickler error:')[-1])[0]
+        raise ValueError(f'it holds more than tensors and plain values ({" ".join(reason.split())})') from None
 
 
 # The official ConvMAE code (Alpha-VL/ConvMAE, vision_transformer.py and models_convmae.py) names the hybrid

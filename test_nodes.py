@@ -330,16 +330,20 @@ def test_the_same_resume_command_run_again_continues_what_it_began(images, tmp_p
 
 def test_the_command_of_every_start_of_a_run_continues_it(images, tmp_path, capsys):
     """A run begun from another folder's file through a link, lengthened by --resume of its own checkpoint-last.pth,
-    then rewound: each of these commands, run again later (the link re-pointed meanwhile), continues the run."""
+    then rewound, both through links from outside its folder: each of these commands, run again later (the first
+    link re-pointed meanwhile), continues the run."""
     pretrain(images, tmp_path / 'a', '--epochs', '1')
-    latest, out = tmp_path / 'latest.pth', tmp_path / 'b'
+    latest, mine, rewound, out = (tmp_path / name for name in ('latest.pth', 'mine.pth', 'rewound.pth', 'b'))
     latest.symlink_to(tmp_path / 'a' / 'checkpoint-last.pth')
+    mine.symlink_to(out / 'checkpoint-last.pth')
+    rewound.symlink_to(out / 'checkpoint-epoch2.pth')
     starts = [['--epochs', '2', '--save_epochs', '2', '--resume', str(latest)],
-              ['--epochs', '3', '--resume', str(out / 'checkpoint-last.pth')],
-              ['--epochs', '4', '--resume', str(out / 'checkpoint-epoch2.pth')]]  # a rewind to epoch 2
+              ['--epochs', '3', '--resume', str(mine)],
+              ['--epochs', '4', '--resume', str(rewound)]]  # a rewind to epoch 2
     for start in starts:
+        capsys.readouterr()
         pretrain(images, out, *start)
-    assert [row['epoch'] for row in rows(out)] == [0, 1, 2, 3]
+    assert 'note: rewinding' in capsys.readouterr().out and [row['epoch'] for row in rows(out)] == [0, 1, 2, 3]
     shutil.copy(latest, tmp_path / 'copy.pth')
     latest.unlink()
     latest.symlink_to(tmp_path / 'copy.pth')
@@ -347,6 +351,24 @@ def test_the_command_of_every_start_of_a_run_continues_it(images, tmp_path, caps
         capsys.readouterr()
         pretrain(images, out, *start[2:], '--epochs', '4')
         assert 'nothing to do' in capsys.readouterr().out and len(rows(out)) == 4
+
+
+def test_a_file_of_another_folder_that_did_not_begin_the_run_is_refused(images, tmp_path):
+    """--resume of a file that did not begin the folder's run would overwrite it and splice the logs, even with the
+    same flags (two seeds share them), and so would the command of a run whose checkpoints predate begun_from."""
+    for seed in ('0', '1'):
+        pretrain(images, tmp_path / seed, '--epochs', '1', '--seed', seed)
+    before = (tmp_path / '1' / 'checkpoint-last.pth').read_bytes()
+    message = refused(images, tmp_path / '1', '--epochs', '2', '--seed', '1', '--resume',
+                      str(tmp_path / '0' / 'checkpoint-last.pth'))
+    assert 'holds another run' in message and 'drop --resume' in message
+    assert (tmp_path / '1' / 'checkpoint-last.pth').read_bytes() == before
+    command = ['--epochs', '2', '--resume', str(tmp_path / '0' / 'checkpoint-last.pth')]
+    pretrain(images, tmp_path / 'older', *command)
+    checkpoint = torch.load(tmp_path / 'older' / 'checkpoint-last.pth', weights_only=True)
+    del checkpoint['begun_from']
+    torch.save(checkpoint, tmp_path / 'older' / 'checkpoint-last.pth')
+    assert 'holds another run' in refused(images, tmp_path / 'older', *command)
 
 
 def test_a_checkpoints_teacher_file_must_be_the_one_it_trained_with_and_older_checkpoints_still_resume(

@@ -250,6 +250,13 @@ def test_truncated_foreign_or_mismatched_resume_is_refused(image_folder, tmp_pat
     (tmp_path / 'truncated.pth').write_bytes(good[:len(good) // 2])
     with pytest.raises(SystemExit, match='cannot read checkpoint .*truncated.pth'):
         run_in_process(image_folder, tmp_path / 'a', '--epochs', '2', '--resume', str(tmp_path / 'truncated.pth'))
+    # the run's log is no checkpoint; nor is a file of pickled objects, which no advice may tell to unpickle
+    torch.save({'args': datetime.date(2026, 1, 1)}, tmp_path / 'objects.pth')
+    for wrong, reason in (('run/log.jsonl', 'neither a file of torch.save nor a .safetensors file'),
+                          ('objects.pth', 'holds more than tensors and plain values')):
+        with pytest.raises(SystemExit) as e:
+            run_in_process(image_folder, tmp_path / 'e', '--epochs', '2', '--resume', str(tmp_path / wrong))
+        assert reason in str(e.value.code) and 'weights_only' not in str(e.value.code)
     torch.save(timm.create_model('vit_tiny_patch16_224', pretrained=False).state_dict(), tmp_path / 'foreign.pth')
     with pytest.raises(SystemExit, match='not a checkpoint of this script'):
         run_in_process(image_folder, tmp_path / 'b', '--epochs', '2', '--resume', str(tmp_path / 'foreign.pth'))

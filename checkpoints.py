@@ -44,7 +44,8 @@ def one_run(output_dir):
         try:
             yield
         finally:
-            writer.wait()
+            with runtime.deferring_signals():  # a signal now waits for the last write, rather than losing it
+                writer.wait()
 
 
 def save_checkpoint(state, path):

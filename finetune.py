@@ -160,7 +160,7 @@ def evaluate_encoder(args):
         return evaluate_frozen(run)
     set_up_training(run)
     if not checkpoints.finished_already(run, args.epochs):
-        with runtime.stop_after_step():  # a signal now stops the run after a step, with its position saved
+        with runtime.deferring_signals():  # a signal now stops the run after a step, with its position saved
             for epoch in range(run.start_epoch, args.epochs):
                 runtime.seed_everything(args.seed, epoch, run.rank)  # as train.py: resume without stored RNG state
                 row = train_one_epoch(run, epoch)

@@ -282,7 +282,7 @@ def seeded(*keys, torch_only=False):
 
 
 stop_requested = False  # by a signal, or reproduce.py's deadline: the training loops read it after each step
-in_training_loop = False
+signals_deferred = False  # inside deferring_signals: a signal only sets stop_requested
 
 
 stop_reached = threading.Event()  # a signal's handler ran: the main thread is not blocked (end_when_stuck stands down)
@@ -302,12 +302,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, si
 
 def on_signal(signum, frame):
     """Any of STOP_SIGNALS. In a training loop they ask it to stop after the current step, to
-    checkpoint its exact position and exit 0 (stop_after_step); in every other phase (set-up, FLOP counting, feature
+    checkpoint its exact position and exit 0 (deferring_signals); in every other phase (set-up, FLOP counting, feature
     extraction, k-NN, the linear classifier, evaluation, reproduce.py between runs) there is no position to save,
     and the run ends now, in one line."""
     request_stop()
     stop_reached.set()
-    if not in_training_loop:
+    if not signals_deferred:
         fail(f'stopped by {signal.Signals(signum).name} where there is nothing to save; the last checkpoint, if any, '
              f'is intact: the same command continues from it')
 
@@ -475,14 +475,16 @@ def ignore_stop_signals(worker_id):
 
 
 @contextmanager
-def stop_after_step():
-    """A training loop: inside, a signal only sets stop_requested, which the loop reads after each step (StopVote)."""
-    global in_training_loop
-    in_training_loop = True
+def deferring_signals():
+    """Inside, a signal only sets stop_requested. A training loop reads it after each step (StopVote) and saves its
+    position; the wait for a run's last checkpoint write finishes that write (cut short by the signal's exit, the
+    save would be lost with the thread writing it)."""
+    global signals_deferred
+    signals_deferred = True
     try:
         yield
     finally:
-        in_training_loop = False
+        signals_deferred = False
 
 
 # The files a run writes into its --output_dir (train.py, finetune.py, reproduce.py's clock): its own, so none of

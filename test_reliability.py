@@ -157,6 +157,24 @@ def test_a_signal_where_there_is_nothing_to_save_ends_the_run_at_once_in_one_lin
     assert not (tmp_path / 'checkpoint-last.pth').exists()
 
 
+def test_a_signal_while_the_last_checkpoint_is_written_lets_the_write_finish(image_folder, tmp_path, monkeypatch):
+    """The end of a run waits for its last checkpoint, written in the background: a signal then must not cut the wait
+    short, which would lose that save (and end the interpreter under the writing thread)."""
+    real = checkpoints.save_checkpoint
+
+    def signalled_while_written(state, path):
+        if state['epoch'] == 2:  # the last epoch's: the main thread is waiting for it by now
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        real(state, path)
+
+    monkeypatch.setattr(checkpoints, 'save_checkpoint', signalled_while_written)
+    run_in_process(image_folder, tmp_path, '--epochs', '2')
+    assert torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['epoch'] == 2
+    assert len(logged(tmp_path)) == 2
+
+
 @pytest.mark.parametrize('phase', ['frozen.extract_features', 'frozen.knn_evaluate', 'frozen.linear_on_features'])
 def test_a_signal_in_frozen_evaluation_ends_it_at_once_in_one_line(image_folder, tmp_path, monkeypatch, phase):
     run_in_process(image_folder, tmp_path / 'pretrained', '--epochs', '1')

@@ -193,7 +193,7 @@ def pretrain(args):
     run = set_up(args)
     if run is None:
         return
-    with runtime.stop_after_step(), run.board:  # a signal now stops the run after a step, with its position saved
+    with runtime.deferring_signals(), run.board:  # a signal now stops the run after a step, with its position saved
         for epoch in range(run.start_epoch, args.epochs):
             # Every (epoch, rank) has its own RNG streams derived from --seed, so a resumed run draws the same masks,
             # augmentations and re-initialisations as an uninterrupted one without storing RNG state (data loader

@@ -106,22 +106,25 @@ def read_resumed(run, required, on_resume, identity):
     FILE again, which would undo the epochs trained since."""
     own = run.out / 'checkpoint-last.pth'
     run.resume = Path(run.args.resume) if run.args.resume else own
+    if not run.resume.is_file() and (run.args.resume or os.path.lexists(own)):  # before any link is followed
+        runtime.fail(f'cannot read checkpoint {run.resume}: no such file, or not a regular file (a folder, a link '
+                     f'that loops)')
     ours = None  # the folder's own checkpoint, when --resume names another file
     if run.args.resume and own.exists() and own.resolve() != run.resume.resolve():
         ours = load_checkpoint(own, ('args',))
-    continuing = ours is not None and bool(spellings(run.resume) & set(ours.get('begun_from', ())))
+    continuing = ours is not None and bool(spellings(run.resume, run.out) & set(ours.get('begun_from', ())))
     if continuing:
         run.resume, begun = own, run.resume
     if run.args.resume or own.exists():
         run.ckpt = refuse_missing_keys(ours, own, ('args', *required)) if continuing else \
             load_checkpoint(run.resume, ('args', *required))
-        if ours is not None and not continuing:
+        if run.args.resume and not continuing:
             refuse_another_runs_folder(run, on_resume, ours)
         on_resume.check(run.ckpt, run.args, identity, run.resume, run.is_main)
         run.last_row = run.ckpt.get('log_row')
     if continuing and run.is_main:
         print(f'note: {own} is this run begun from --resume {begun} (now at epoch {run.ckpt["epoch"]}): it goes on '
-              f'from there; to begin from {begun} again, delete {own}')
+              f'from there; to begin from {begun} again, give an empty --output_dir')
     run.begun_from = begun_from(run, continuing)
     refuse_differing_positions(run)
 
@@ -135,10 +138,12 @@ def finished_already(run, epochs):
     return True
 
 
-def spellings(path):
-    """A path as typed (made absolute: a link re-pointed since is still the file the command names) and resolved
-    (the same file by another spelling)."""
-    return {os.path.abspath(path), str(Path(path).resolve())}
+def spellings(path, out):
+    """A --resume path as typed, made absolute (a link re-pointed since is still the file the command names);
+    resolved (the same file by another spelling); and relative to --output_dir `out` (the same command after the
+    project's folder moved, or on a node that mounts it elsewhere)."""
+    typed = os.path.abspath(path)
+    return {typed, str(Path(path).resolve()), 'output_dir:' + os.path.relpath(typed, os.path.abspath(out))}
 
 
 def begun_from(run, continuing):
@@ -148,7 +153,7 @@ def begun_from(run, continuing):
     kept = list(run.ckpt.get('begun_from', ())) if run.ckpt else []
     if not run.args.resume or continuing:
         return kept
-    added = spellings(run.resume)
+    added = spellings(run.resume, run.out)
     return sorted(set(kept) | added) if in_folder(run.resume, run.out) else sorted(added)
 
 
@@ -222,15 +227,27 @@ def announce_world_size(run, steps_per_epoch):
 
 
 def refuse_another_runs_folder(run, on_resume, own):
-    """--resume FILE writes on into --output_dir, whose checkpoint-last.pth (`own`) was not begun from FILE: refused,
-    as FILE would replace that run and splice their logs, unless FILE is the same run's earlier checkpoint in that
-    folder (checkpoint-epoch4.pth), which rewinds it (the log is cut back to what that checkpoint covers). Which
-    run a file of another folder continues, if any, cannot be told from its flags: two seeds share them."""
-    if in_folder(run.resume, run.out) and on_resume.saved_identity(own) == on_resume.saved_identity(run.ckpt):
-        return
-    runtime.fail(f'--output_dir {run.out} holds another run (its checkpoint-last.pth was not begun from --resume '
-                 f'{run.resume}), which this one would overwrite: drop --resume to continue that run, or give an '
-                 f'empty --output_dir (or delete its checkpoint-last.pth) to begin from {run.resume}')
+    """--resume FILE, which did not begin the run in --output_dir, writes on into that folder: refused when it holds
+    checkpoints, as FILE's run would replace them and splice the logs, unless FILE is one of them
+    (checkpoint-epoch4.pth) and of the same run as its checkpoint-last.pth (`own`, if any): that rewinds the run, and
+    the log is cut back to what FILE covers. Which run a file of another folder continues, if any, cannot be told from its flags: two
+    seeds share them."""
+    if in_folder(run.resume, run.out):
+        if own is None or on_resume.saved_identity(own) == on_resume.saved_identity(run.ckpt):
+            return
+        held = ['checkpoint-last.pth']
+    else:
+        held = sorted(path.name for path in run.out.glob('checkpoint-*.pth'))
+    if held:
+        runtime.fail(f'--output_dir {run.out} holds another run ({", ".join(held)}, not begun from --resume '
+                     f'{run.resume}), which this one would overwrite: drop --resume to continue that run, or give an '
+                     f'empty --output_dir to begin from {run.resume}')
+
+
+def begins_a_new_line(run):
+    """Whether the run begins from another folder's file: rows already in this folder's logs are then another run's
+    (one deleted, or killed before its first checkpoint), and the run's earlier rows are in that folder's logs."""
+    return not in_folder(run.resume, run.out)
 
 
 def restore_training(run, model, optimizer):
@@ -250,7 +267,8 @@ def restore_training(run, model, optimizer):
     if run.is_main:
         print(f'resumed from {path} at epoch {run.start_epoch}, step {ckpt["step"]}')
         rewind_to(run)
-        restore_log(run.out / 'log.jsonl', lambda row: row['epoch'] < run.start_epoch, run.last_row)
+        new_line = begins_a_new_line(run)
+        restore_log(run.out / 'log.jsonl', lambda row: not new_line and row['epoch'] < run.start_epoch, run.last_row)
 
 
 def rewind_to(run):
@@ -261,8 +279,8 @@ def rewind_to(run):
     if not in_folder(run.resume, run.out) or run.resume.resolve() == own.resolve():
         return
     if own.exists():
-        print(f'note: rewinding {run.out}: its checkpoint-last.pth (a later position of this run) is replaced by '
-              f'{run.resume}')
+        print(f'note: rewinding {run.out}: its checkpoint-last.pth is replaced by {run.resume} (epoch '
+              f'{run.start_epoch})')
     descriptor, tmp = tempfile.mkstemp(dir=run.out, prefix=f'.{own.name}.', suffix='.tmp')
     os.close(descriptor)
     try:

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -51,12 +52,14 @@ def load_weights_file(path):
                              f'cut short or altered)')
     elif head[:1] != b'\x80':  # torch.save writes a zip archive, or (its legacy format) a pickle
         raise ValueError('it is neither a file of torch.save nor a .safetensors file')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE checkpoints pickle their args
+    try:  # torch's warnings and advice (weights_only=False would run the file's code) are not for this file's user
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:  # not torch's advice (weights_only=False), which would run the file's code
-        reason = re.split(r'Please use|Check the documentation', str(e).split('WeightsUnpickler error:')[-1])[0]
-        raise ValueError(f'it holds more than tensors and plain values ({" ".join(reason.split())})') from None
+    except pickle.UnpicklingError as e:
+        named = re.search(r'GLOBAL (\S+)', str(e))
+        raise ValueError('it holds more than tensors and plain values' + (f' (a {named[1]})' if named else '')) \
+            from None
 
 
 # The official ConvMAE code (Alpha-VL/ConvMAE, vision_transformer.py and models_convmae.py) names the hybrid

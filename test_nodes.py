@@ -369,6 +369,47 @@ def test_a_file_of_another_folder_that_did_not_begin_the_run_is_refused(images, 
     del checkpoint['begun_from']
     torch.save(checkpoint, tmp_path / 'older' / 'checkpoint-last.pth')
     assert 'holds another run' in refused(images, tmp_path / 'older', *command)
+    # any checkpoint of another run, not only its checkpoint-last.pth, and a link that loops, in one line
+    pretrain(images, tmp_path / 'kept', '--epochs', '1', '--seed', '1', '--save_epochs', '1')
+    (tmp_path / 'kept' / 'checkpoint-last.pth').unlink()
+    assert 'checkpoint-epoch1.pth' in refused(images, tmp_path / 'kept', *command)
+    (tmp_path / 'loop').symlink_to(tmp_path / 'loop')
+    assert 'a link that loops' in refused(images, tmp_path / '1', '--resume', str(tmp_path / 'loop'))
+
+
+def test_a_run_begun_in_a_folder_with_another_runs_log_keeps_none_of_its_rows(images, tmp_path):
+    """A folder whose checkpoints are gone but whose log is left (a run deleted, or killed before its first save):
+    a run begun there from another folder's file logs its own rows only, as in an empty folder."""
+    pretrain(images, tmp_path / 'source', '--epochs', '1')
+    pretrain(images, tmp_path / 'empty', '--epochs', '2', '--resume', str(tmp_path / 'source' / 'checkpoint-last.pth'))
+    pretrain(images, tmp_path / 'left', '--epochs', '2', '--seed', '1')
+    for name in ('checkpoint-last.pth', 'args.json'):
+        (tmp_path / 'left' / name).unlink()
+    pretrain(images, tmp_path / 'left', '--epochs', '2', '--resume', str(tmp_path / 'source' / 'checkpoint-last.pth'))
+    for log in ('log.jsonl', 'steps.jsonl'):
+        lines = [(tmp_path / out / log).read_text().splitlines() for out in ('left', 'empty')]
+        logged = [[(row['epoch'], row['loss']) for row in map(json.loads, each)] for each in lines]
+        assert logged[0] == logged[1] and logged[0]
+
+
+def test_the_same_relative_command_continues_the_run_after_its_project_folder_moved(images, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Paths relative to the working folder, typed again after the project folder moved (or on a node that mounts
+    it elsewhere): begun from another folder's file, or rewound to its own, the run continues."""
+    project = tmp_path / 'project'
+    project.mkdir()
+    monkeypatch.chdir(project)
+    pretrain(images, 'source', '--epochs', '1')
+    starts = [['--epochs', '2', '--save_epochs', '2', '--resume', 'source/checkpoint-last.pth'],
+              ['--epochs', '3', '--resume', 'run/checkpoint-epoch2.pth']]  # a rewind
+    for start in starts:
+        pretrain(images, 'run', *start)
+    project.rename(tmp_path / 'moved')
+    monkeypatch.chdir(tmp_path / 'moved')
+    for start in starts:
+        capsys.readouterr()
+        pretrain(images, 'run', *start, '--epochs', '3')
+        assert 'nothing to do' in capsys.readouterr().out and len(rows(Path('run'))) == 3
 
 
 def test_a_checkpoints_teacher_file_must_be_the_one_it_trained_with_and_older_checkpoints_still_resume(

@@ -432,4 +432,4 @@ def report(results, args, name=None):
 
 
 if __name__ == '__main__':
-    main()
+    runtime.script(main)

@@ -630,4 +630,4 @@ def reproduce(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    runtime.script(lambda: main(get_args_parser().parse_args()))

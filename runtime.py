@@ -34,6 +34,19 @@ def fail(message):
     raise SystemExit(f'error: {" ".join(str(message).split())}')
 
 
+def script(main):
+    """A script's entry: main() run, and the one line that ended it (fail's) written whole, in one write: Python
+    writes the message and its newline apart, and the ranks of torchrun, sharing a terminal, ran them together."""
+    try:
+        main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        sys.stderr.write(e.code + '\n')
+        sys.stderr.flush()
+        raise SystemExit(1) from None
+
+
 @dataclass
 class Run:
     """What every run of train.py or finetune.py holds first: its flags, its place among the processes torchrun

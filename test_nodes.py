@@ -232,6 +232,18 @@ def test_two_nodes_recover_from_a_killed_worker_and_end_as_an_uninterrupted_run(
 
 
 
+def test_a_scripts_one_line_error_is_written_whole_so_that_ranks_do_not_share_a_line(monkeypatch):
+    """Ranks under torchrun write to one terminal: each error line goes out in one write, its newline included."""
+    written = []
+    monkeypatch.setattr(sys, 'stderr', SimpleNamespace(write=written.append, flush=lambda: None))
+    with pytest.raises(SystemExit) as e:
+        runtime.script(lambda: runtime.fail('--output_dir D holds another run'))
+    assert e.value.code == 1 and written == ['error: --output_dir D holds another run\n']
+    with pytest.raises(SystemExit) as e:  # argparse's own exit, and a clean one, pass as they are
+        runtime.script(lambda: sys.exit(2))
+    assert e.value.code == 2 and len(written) == 1
+
+
 def pretrain(images, out, *extra):
     train.main(train.get_args_parser().parse_args(['--data', str(images), '--output_dir', str(out), *TINY, *extra]))
 

@@ -781,4 +781,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args_parser().parse_args())
+    runtime.script(lambda: main(get_args_parser().parse_args()))

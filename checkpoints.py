@@ -118,13 +118,16 @@ def read_resumed(run, required, on_resume, identity):
     if run.args.resume or own.exists():
         run.ckpt = refuse_missing_keys(ours, own, ('args', *required)) if continuing else \
             load_checkpoint(run.resume, ('args', *required))
-        if run.args.resume and not continuing:
-            refuse_another_runs_folder(run, on_resume, ours)
+    if not continuing and (run.args.resume or not own.exists()):  # a fresh start, or FILE that did not begin it
+        refuse_another_runs_folder(run, on_resume, ours)
+    if run.ckpt:
         on_resume.check(run.ckpt, run.args, identity, run.resume, run.is_main)
         run.last_row = run.ckpt.get('log_row')
     if continuing and run.is_main:
+        again = f'rewind to {begun} again, delete {own}' if in_folder(begun, run.out) else \
+            f'begin from {begun} again, give an empty --output_dir'
         print(f'note: {own} is this run begun from --resume {begun} (now at epoch {run.ckpt["epoch"]}): it goes on '
-              f'from there; to begin from {begun} again, give an empty --output_dir')
+              f'from there; to {again}')
     run.begun_from = begun_from(run, continuing)
     refuse_differing_positions(run)
 
@@ -227,21 +230,26 @@ def announce_world_size(run, steps_per_epoch):
 
 
 def refuse_another_runs_folder(run, on_resume, own):
-    """--resume FILE, which did not begin the run in --output_dir, writes on into that folder: refused when it holds
-    checkpoints, as FILE's run would replace them and splice the logs, unless FILE is one of them
-    (checkpoint-epoch4.pth) and of the same run as its checkpoint-last.pth (`own`, if any): that rewinds the run, and
-    the log is cut back to what FILE covers. Which run a file of another folder continues, if any, cannot be told from its flags: two
-    seeds share them."""
-    if in_folder(run.resume, run.out):
+    """A run that does not continue --output_dir's checkpoint-last.pth (a fresh start, or --resume FILE that did not
+    begin it) would overwrite the checkpoints there and splice the logs: refused when the folder holds any, unless
+    FILE is one of them (checkpoint-epoch4.pth) and of the same run as its checkpoint-last.pth (`own`, if any): that
+    rewinds the run, and the log is cut back to what FILE covers. Which run a file of another folder continues, if
+    any, cannot be told from its flags: two seeds share them."""
+    if run.args.resume and in_folder(run.resume, run.out):
         if own is None or on_resume.saved_identity(own) == on_resume.saved_identity(run.ckpt):
             return
         held = ['checkpoint-last.pth']
     else:
         held = sorted(path.name for path in run.out.glob('checkpoint-*.pth'))
-    if held:
-        runtime.fail(f'--output_dir {run.out} holds another run ({", ".join(held)}, not begun from --resume '
-                     f'{run.resume}), which this one would overwrite: drop --resume to continue that run, or give an '
-                     f'empty --output_dir to begin from {run.resume}')
+    if not held:
+        return
+    if own is None:
+        runtime.fail(f'--output_dir {run.out} holds checkpoints of another run ({", ".join(held)}) but no '
+                     f'checkpoint-last.pth, which this run would overwrite: --resume one of them to continue from it, '
+                     f'or give an empty --output_dir')
+    runtime.fail(f'--output_dir {run.out} holds another run ({", ".join(held)}, not begun from --resume '
+                 f'{run.resume}), which this one would overwrite: drop --resume to continue that run, or give an '
+                 f'empty --output_dir to begin from {run.resume}')
 
 
 def begins_a_new_line(run):

@@ -334,7 +334,9 @@ def test_the_same_resume_command_run_again_continues_what_it_began(images, tmp_p
         assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['epoch'] == 2  # --save_every 2
         capsys.readouterr()
         pretrain(images, out, *command)
-        assert trained == [2, 3] and 'is this run begun from --resume' in capsys.readouterr().out
+        said = capsys.readouterr().out
+        assert trained == [2, 3] and 'is this run begun from --resume' in said
+        assert ('to rewind to' if out == first else 'to begin from') in said
         assert [row['loss'] for row in rows(out)] == straight
         pretrain(images, out, *command)
         assert 'nothing to do' in capsys.readouterr().out and [row['loss'] for row in rows(out)] == straight
@@ -384,7 +386,13 @@ def test_a_file_of_another_folder_that_did_not_begin_the_run_is_refused(images, 
     # any checkpoint of another run, not only its checkpoint-last.pth, and a link that loops, in one line
     pretrain(images, tmp_path / 'kept', '--epochs', '1', '--seed', '1', '--save_epochs', '1')
     (tmp_path / 'kept' / 'checkpoint-last.pth').unlink()
+    kept = (tmp_path / 'kept' / 'checkpoint-epoch1.pth').read_bytes()
     assert 'checkpoint-epoch1.pth' in refused(images, tmp_path / 'kept', *command)
+    assert 'no checkpoint-last.pth' in refused(images, tmp_path / 'kept', '--epochs', '1')  # a fresh start too
+    assert (tmp_path / 'kept' / 'checkpoint-epoch1.pth').read_bytes() == kept
+    pretrain(images, tmp_path / 'kept', '--epochs', '2', '--seed', '1', '--resume',
+             str(tmp_path / 'kept' / 'checkpoint-epoch1.pth'))  # as the refusal says: the run continues
+    assert [row['epoch'] for row in rows(tmp_path / 'kept')] == [0, 1]
     (tmp_path / 'loop').symlink_to(tmp_path / 'loop')
     assert 'a link that loops' in refused(images, tmp_path / '1', '--resume', str(tmp_path / 'loop'))
 

@@ -1,8 +1,11 @@
-"""Shared test fixtures: a tiny generated ImageFolder (tests never depend on data outside the repository)."""
+"""Shared test fixtures: a tiny generated ImageFolder and stand-in teacher files (tests never depend on data outside
+the repository)."""
 
 import pytest
 import torch
 from PIL import Image
+
+import teachers
 
 
 def make_image_folder(root, classes=2, per_class=8, size=40, seed=0):
@@ -23,6 +26,12 @@ def make_image_folder(root, classes=2, per_class=8, size=40, seed=0):
 @pytest.fixture(scope='session')
 def image_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('images'))
+
+
+@pytest.fixture(scope='session')
+def standin(tmp_path_factory):
+    """(CLIP ViT-S-16 file, DINO ViT-S/16 file): random weights in the real formats, 320 MB, so written once."""
+    return teachers.save_standin_weights(tmp_path_factory.mktemp('standins'))
 
 
 def for_mode(argv):

@@ -104,7 +104,8 @@ def world(tmp_path_factory):
     w['timm64'] = root / 'timm64.pth'  # a bare timm ViT-Tiny/8 trained at 64 px: 8 x 8 position grid
     torch.save(timm.create_model('vit_tiny_patch16_224', patch_size=8, img_size=64, num_classes=0).state_dict(),
                w['timm64'])
-    return w
+    yield w
+    shutil.rmtree(root, ignore_errors=True)  # its runs' checkpoints (600 MB) are not kept past the module
 
 
 def cases(w):
@@ -415,7 +416,8 @@ def test_every_flag_declares_its_values_and_every_boundary_value_is_refused_in_o
             flag = action.option_strings[0]
             for value in values:
                 argv = base + [flag] + [value] * (action.nargs if isinstance(action.nargs, int) else 1)
-                argv += ['--output_dir', str(root / f'walk-{script}-{action.dest}-{value or "empty"}')]
+                output_dir = root / f'walk-{script}-{action.dest}-{value or "empty"}'
+                argv += ['--output_dir', str(output_dir)]
                 tried += 1
                 try:
                     args = parser.parse_args(argv)
@@ -427,6 +429,7 @@ def test_every_flag_declares_its_values_and_every_boundary_value_is_refused_in_o
                     kind, detail = attempt(script, argv)
                     assert kind in ('ran', 'refused'), (argv, detail)
                     ran += kind == 'ran'
+                    shutil.rmtree(output_dir, ignore_errors=True)  # 40 runs' checkpoints would fill 5 GB
     with capsys.disabled():
         print(f'\nflags: {tried} boundary values tried, {ran} accepted runs ran to the end')
     assert tried > 400 and ran > 10

@@ -30,11 +30,6 @@ def pretrain_args(method, standin, *extra):
         '--dino_model', 'vit_small_patch16_224.dino', '--dino_weights', str(standin[1]), *extra])
 
 
-@pytest.fixture(scope='module')
-def standin(tmp_path_factory):
-    return teachers.save_standin_weights(tmp_path_factory.mktemp('teachers'))
-
-
 def ft_args(checkpoint, data, output_dir, *extra):
     return finetune.get_args_parser().parse_args(for_mode([
         '--checkpoint', str(checkpoint), '--data', str(data), '--output_dir', str(output_dir), '--batch_size', '4',

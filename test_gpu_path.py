@@ -33,11 +33,6 @@ def run(data, out, *extra):
     return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
 
 
-@pytest.fixture(scope='module')
-def standins(tmp_path_factory):
-    return teachers.save_standin_weights(tmp_path_factory.mktemp('standins'))
-
-
 # 1. bf16 autocast and torch.compile ----------------------------------------------------------------------------------
 
 def is_flop_count(imgs):
@@ -60,11 +55,11 @@ def record_autocast(monkeypatch):
 @pytest.mark.parametrize('method,extra', [
     ('mae', []), ('mcmae', ['--patch_size', '8']), ('dbot', ['--stage_epochs', '1,1']),
     ('mrmae', ['--teacher', 'clip+dino']), ('mrmcmae', ['--teacher', 'clip+dino'])])
-def test_every_method_trains_under_bf16_autocast_on_the_cpu(image_folder, tmp_path, monkeypatch, standins, method,
+def test_every_method_trains_under_bf16_autocast_on_the_cpu(image_folder, tmp_path, monkeypatch, standin, method,
                                                             extra):
     if method.startswith('mr'):
-        extra += ['--clip_model', 'ViT-S-16', '--clip_weights', str(standins[0]), '--dino_model',
-                  'vit_small_patch16_224.dino', '--dino_weights', str(standins[1])]
+        extra += ['--clip_model', 'ViT-S-16', '--clip_weights', str(standin[0]), '--dino_model',
+                  'vit_small_patch16_224.dino', '--dino_weights', str(standin[1])]
     seen = record_autocast(monkeypatch)
     rows = run(image_folder, tmp_path, '--method', method, '--precision', 'bf16', '--epochs', '2', *extra)
     assert len(seen) == 8 and set(seen) == {torch.bfloat16}  # every training micro-step ran under bf16 autocast
@@ -269,10 +264,10 @@ def test_flops_are_counted_again_when_a_stage_changes_the_teacher(image_folder, 
     assert grown == pytest.approx(teachers[1] - teachers[0], rel=1e-4)
 
 
-def test_a_clip_and_a_timm_teacher_of_one_architecture_count_the_same_flops(standins):
+def test_a_clip_and_a_timm_teacher_of_one_architecture_count_the_same_flops(standin):
     args = train.get_args_parser().parse_args(['--method', 'mrmae', *TINY, '--clip_model', 'ViT-S-16', '--clip_weights',
-                                               str(standins[0]), '--dino_model', 'vit_small_patch16_224.dino',
-                                               '--dino_weights', str(standins[1])])
+                                               str(standin[0]), '--dino_model', 'vit_small_patch16_224.dino',
+                                               '--dino_weights', str(standin[1])])
     counts = {}
     for name in ('clip', 'dino'):
         args.teacher = name

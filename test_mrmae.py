@@ -8,15 +8,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import mrmae
-import teachers
 import train
 from mae import MAE, encoder_state_dict
 from mcmae import MCMAE
 
-
-@pytest.fixture(scope='module')
-def standin(tmp_path_factory):
-    return teachers.save_standin_weights(tmp_path_factory.mktemp('teachers'))
 
 
 def mrmae_args(standin, *extra):

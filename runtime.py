@@ -515,8 +515,10 @@ def is_run_file(name):
 def exclusive_output_dir(path):
     """One run per output folder. Every rank checks that the folder is writable (so that all of them stop with the
     message); rank 0 holds an advisory lock on OUTPUT_DIR/.lock while the run lives, which the OS releases if the
-    process dies, so a second run on the folder is refused instead of interleaving its log and checkpoints."""
+    process dies, so a second run on the folder is refused instead of interleaving its log and checkpoints. A run
+    that writes nothing there (refused, or stopped before its first write) leaves no folder it made behind."""
     path = Path(path)
+    made = folders_to_make(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -549,7 +551,32 @@ def exclusive_output_dir(path):
         try:
             yield
         finally:
+            if made:
+                remove_if_unused(made)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def folders_to_make(path):
+    """The folders that path.mkdir(parents=True) will make, deepest first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    return missing
+
+
+def remove_if_unused(made):
+    """Removes the folders a run made when they hold only its .lock (a rmdir fails, and keeps the rest, wherever
+    anything else has appeared since)."""
+    if [entry.name for entry in os.scandir(made[0])] != ['.lock']:
+        return
+    try:
+        (made[0] / '.lock').unlink()
+        for folder in made:
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 @contextmanager

@@ -145,6 +145,20 @@ def test_frozen_evaluations_and_training_runs_keep_their_own_folders(pretrained,
                                                  '--epochs', '1')
 
 
+def test_a_refused_run_leaves_no_folder_it_made_and_keeps_the_folders_it_found(pretrained, tmp_path):
+    """Refusals inside the run (the data, --resume, a frozen evaluation's data) happen after its folder is made."""
+    images, checkpoint = pretrained
+    refused(pretrain, tmp_path / 'missing', tmp_path / 'new' / 'run')
+    refused(pretrain, images, tmp_path / 'new' / 'run', '--resume', str(tmp_path / 'missing.pth'))
+    refused(evaluate, checkpoint, tmp_path / 'missing', tmp_path / 'new' / 'knn', '--mode', 'knn')
+    assert not (tmp_path / 'new').exists()
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('kept')
+    refused(pretrain, tmp_path / 'missing', tmp_path / 'mine' / 'run')
+    refused(pretrain, tmp_path / 'missing', tmp_path / 'mine')
+    assert sorted(entry.name for entry in (tmp_path / 'mine').iterdir()) == ['.lock', 'notes.txt']
+
+
 # 2. dBOT's stages on resume -----------------------------------------------------------------------------------------
 
 def test_a_resumed_dbot_run_keeps_the_stages_it_has_begun(pretrained, tmp_path):

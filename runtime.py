@@ -391,9 +391,9 @@ def lost_ranks_in_one_line():
         if not dist.is_initialized() or not (isinstance(e, dist.DistError) or 'gloo' in str(e)):
             raise
         what = re.sub(r'^\[[^\]]*\]\s*', '', ' '.join(str(e).split())).split('. ')[0][:160]  # no source location
-        fail(f'rank {dist.get_rank()} lost another rank ({what}): a process or node died '
-             f'or stopped answering; the last checkpoint stands: once every node is back, the same command continues '
-             f'from it')
+        fail(f'rank {dist.get_rank()} lost another rank ({what}): a rank ended on an error of its own (its line '
+             f'says which), or a process or node died or stopped answering; the last checkpoint stands: once the '
+             f'cause is fixed and every node is back, the same command continues from it')
 
 
 @contextmanager
@@ -520,11 +520,12 @@ def exclusive_output_dir(path):
     path = Path(path)
     made = folders_to_make(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        if launcher_rank() == 0:  # only the lock's holder makes the folder, so that it knows which folders it made
+            path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path if path.is_dir() or not made else made[-1].parent).close()
     except OSError as e:
         fail(f'--output_dir {path} is not writable ({e})')
-    for entry in os.scandir(path):
+    for entry in os.scandir(path) if path.is_dir() else ():  # another rank may look before rank 0 has made it
         if is_run_file(entry.name) and (entry.is_symlink() or not entry.is_file()):
             fail(f'--output_dir {path}: {entry.name} is a symbolic link or not a regular file, and the run writes its '
                  f'own {entry.name} there: remove it, or give another --output_dir')

@@ -159,6 +159,18 @@ def test_a_refused_run_leaves_no_folder_it_made_and_keeps_the_folders_it_found(p
     assert sorted(entry.name for entry in (tmp_path / 'mine').iterdir()) == ['.lock', 'notes.txt']
 
 
+def test_only_rank_0_makes_the_output_folder_and_the_others_check_where_it_goes(tmp_path, monkeypatch):
+    """Rank 0 removes the folders it made when its run wrote nothing: had another rank made one first, it would not
+    know that this run made it. The other ranks still stop on an output folder that cannot be made."""
+    monkeypatch.setenv('RANK', '1')
+    with runtime.exclusive_output_dir(tmp_path / 'new' / 'run'):
+        assert not (tmp_path / 'new').exists()
+    (tmp_path / 'a_file').write_text('not a folder')
+    with pytest.raises(SystemExit, match='--output_dir .* is not writable'):
+        with runtime.exclusive_output_dir(tmp_path / 'a_file' / 'run'):
+            pass
+
+
 # 2. dBOT's stages on resume -----------------------------------------------------------------------------------------
 
 def test_a_resumed_dbot_run_keeps_the_stages_it_has_begun(pretrained, tmp_path):

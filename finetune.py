@@ -218,7 +218,7 @@ def train_one_epoch(run, epoch):
             return None
     train_loss = runtime.all_reduce_mean(loss_sum / run.steps_per_epoch).item()
     if not math.isfinite(train_loss):
-        runtime.fail(f'training loss is {train_loss} in epoch {epoch}; the last good checkpoint is {run.resume}')
+        runtime.fail(f'training loss is {train_loss} in epoch {epoch}; {runtime.last_good_checkpoint(run.out)}')
     seconds = time.perf_counter() - epoch_start
     return dict(epoch=epoch, train_loss=train_loss, lr=lr,
                 img_per_s=round((run.steps_per_epoch - first_step) * run.eff_batch / seconds, 1),

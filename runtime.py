@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -376,8 +376,9 @@ def end_when_stuck(wakeups):
         if received[0] in STOP_SIGNALS and not stop_reached.wait(STOP_GRACE_SECONDS):
             rank = f'rank {dist.get_rank()}' if dist.is_initialized() else 'the run'
             print(f'error: {rank} did not stop within {STOP_GRACE_SECONDS:.0f} s of {signal.Signals(received[0]).name}: '
-                  f'it waits for another rank that is gone or frozen (a lost node?); ended without a save, the last '
-                  f'checkpoint stands and the same command continues from it', file=sys.__stderr__, flush=True)
+                  f'it waits for another rank that ended on an error of its own (its line says which), or is gone '
+                  f'or frozen (a lost node?); ended without a save, the last checkpoint stands and the same command '
+                  f'continues from it', file=sys.__stderr__, flush=True)
             os._exit(1)
 
 
@@ -513,25 +514,63 @@ def is_run_file(name):
 
 @contextmanager
 def exclusive_output_dir(path):
-    """One run per output folder. Every rank checks that the folder is writable (so that all of them stop with the
+    """One run per output folder. Every rank checks that the folder can be written (so that all of them stop with the
     message); rank 0 holds an advisory lock on OUTPUT_DIR/.lock while the run lives, which the OS releases if the
     process dies, so a second run on the folder is refused instead of interleaving its log and checkpoints. A run
     that writes nothing there (refused, or stopped before its first write) leaves no folder it made behind."""
     path = Path(path)
-    made = folders_to_make(path)
+    made = []  # the folders this run makes, deepest first; only rank 0 makes them, so it knows which are its own
     try:
-        if launcher_rank() == 0:  # only the lock's holder makes the folder, so that it knows which folders it made
-            path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path if path.is_dir() or not made else made[-1].parent).close()
-    except OSError as e:
-        fail(f'--output_dir {path} is not writable ({e})')
-    for entry in os.scandir(path) if path.is_dir() else ():  # another rank may look before rank 0 has made it
-        if is_run_file(entry.name) and (entry.is_symlink() or not entry.is_file()):
-            fail(f'--output_dir {path}: {entry.name} is a symbolic link or not a regular file, and the run writes its '
-                 f'own {entry.name} there: remove it, or give another --output_dir')
-    if launcher_rank() != 0:
-        yield
-        return
+        try:
+            if launcher_rank() == 0:
+                make_folders(path, made)
+            tempfile.TemporaryFile(dir=nearest_folder(path)).close()  # the others: where rank 0 makes it
+        except OSError as e:
+            fail(f'--output_dir {path} is not writable ({e.strerror})')
+        for entry in os.scandir(path) if path.is_dir() else ():  # another rank may look before rank 0 has made it
+            if is_run_file(entry.name) and (entry.is_symlink() or not entry.is_file()):
+                fail(f'--output_dir {path}: {entry.name} is a symbolic link or not a regular file, and the run writes '
+                     f'its own {entry.name} there: remove it, or give another --output_dir')
+        if launcher_rank() != 0:
+            yield
+            return
+        with held_lock(path, made_here=path in made):
+            yield
+    finally:
+        for folder in made:  # only the empty ones: nothing written is ever removed
+            with suppress(OSError):
+                folder.rmdir()
+
+
+def make_folders(path, made):
+    """Makes path and the folders above it that are missing, adding each to made (deepest first). A level is judged
+    when it is reached, so that 'new/../old' never counts the existing old/ as made; made is filled before each mkdir,
+    so that a signal in between still leaves the list whole (a rmdir of a folder that was not made fails)."""
+    for folder in reversed((path, *path.parents)):
+        if folder.is_dir():
+            continue
+        if folder.is_symlink():
+            fail(f'--output_dir {path}: {folder} is a symbolic link to {os.readlink(folder)}, which is no folder: '
+                 f'make that folder, or give another --output_dir')
+        if folder.exists():
+            fail(f'--output_dir {path}: {folder} is a file, not a folder: give another --output_dir')
+        made.insert(0, folder)
+        try:
+            folder.mkdir()
+        except FileExistsError:  # another process made it meanwhile: not this run's
+            made.remove(folder)
+
+
+def nearest_folder(path):
+    """path, or the nearest folder above it that exists."""
+    return next(folder for folder in (path, *path.parents) if folder.is_dir())
+
+
+@contextmanager
+def held_lock(path, made_here):
+    """OUTPUT_DIR/.lock, locked by this process with its pid written in it, or the run refused: the folder is in use.
+    In a folder made_here, a .lock that is all the run wrote is removed before the lock is let go (no other run can
+    have taken the folder meanwhile)."""
     try:  # not through a symbolic link: the lock file is the run's own, and it is truncated
         descriptor = os.open(path / '.lock', os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
@@ -543,41 +582,18 @@ def exclusive_output_dir(path):
             lock.seek(0)
             fail(f'--output_dir {path} is in use by another run ({lock.read().strip() or "unknown process"}): wait '
                  f'for it to end, or give another --output_dir')
-        lock.truncate(0)
-        lock.write(f'pid {os.getpid()} on {os.uname().nodename}')
-        lock.flush()
-        for stale in path.glob('.*.tmp'):  # a save that a kill cut short (checkpoints.save_checkpoint's temp file)
-            if is_run_file(stale.name[1:-len('.tmp')].rsplit('.', 1)[0]):
-                stale.unlink()
         try:
+            lock.truncate(0)
+            lock.write(f'pid {os.getpid()} on {os.uname().nodename}')
+            lock.flush()
+            for stale in path.glob('.*.tmp'):  # a save that a kill cut short (checkpoints.save_checkpoint's temp file)
+                if is_run_file(stale.name[1:-len('.tmp')].rsplit('.', 1)[0]):
+                    stale.unlink()
             yield
         finally:
-            if made:
-                remove_if_unused(made)
+            if made_here and [entry.name for entry in os.scandir(path)] == ['.lock']:
+                (path / '.lock').unlink()
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def folders_to_make(path):
-    """The folders that path.mkdir(parents=True) will make, deepest first."""
-    missing = []
-    for folder in (path, *path.parents):
-        if folder.exists() or folder.is_symlink():
-            break
-        missing.append(folder)
-    return missing
-
-
-def remove_if_unused(made):
-    """Removes the folders a run made when they hold only its .lock (a rmdir fails, and keeps the rest, wherever
-    anything else has appeared since)."""
-    if [entry.name for entry in os.scandir(made[0])] != ['.lock']:
-        return
-    try:
-        (made[0] / '.lock').unlink()
-        for folder in made:
-            folder.rmdir()
-    except OSError:
-        pass
 
 
 @contextmanager
@@ -599,5 +615,11 @@ def check_finite(nonfinite_step, epoch, out):
     step = int(max_over_ranks(nonfinite_step))
     if step >= 0:
         fail(f'the loss became NaN or infinite in epoch {epoch} at step {step} (usually too high a learning rate for '
-             f'this batch size: lower --blr, or set --clip_grad; --skip_nonfinite N skips isolated bad batches); the '
-             f'last good checkpoint is {out / "checkpoint-last.pth"}')
+             f'this batch size: lower --blr, or set --clip_grad; --skip_nonfinite N skips isolated bad batches); '
+             f'{last_good_checkpoint(out)}')
+
+
+def last_good_checkpoint(out):
+    """The end of the line of a run stopped by its numbers: where it can be taken up again, if anywhere."""
+    last = Path(out) / 'checkpoint-last.pth'
+    return f'the last good checkpoint is {last}' if last.is_file() else 'no checkpoint had been written yet'

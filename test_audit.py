@@ -157,6 +157,13 @@ def test_a_refused_run_leaves_no_folder_it_made_and_keeps_the_folders_it_found(p
     refused(pretrain, tmp_path / 'missing', tmp_path / 'mine' / 'run')
     refused(pretrain, tmp_path / 'missing', tmp_path / 'mine')
     assert sorted(entry.name for entry in (tmp_path / 'mine').iterdir()) == ['.lock', 'notes.txt']
+    (tmp_path / 'empty').mkdir()  # reached through a folder the run makes: still a folder it found
+    refused(pretrain, tmp_path / 'missing', tmp_path / 'new' / '..' / 'empty')
+    assert (tmp_path / 'empty').is_dir() and not (tmp_path / 'new').exists()
+    assert 'is a file, not a folder' in refused(pretrain, images, tmp_path / 'mine' / 'notes.txt' / 'run')
+    (tmp_path / 'dangling').symlink_to(tmp_path / 'gone')
+    assert 'is a symbolic link to' in refused(pretrain, images, tmp_path / 'dangling' / 'run')
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ['dangling', 'empty', 'mine']
 
 
 def test_only_rank_0_makes_the_output_folder_and_the_others_check_where_it_goes(tmp_path, monkeypatch):
@@ -165,9 +172,8 @@ def test_only_rank_0_makes_the_output_folder_and_the_others_check_where_it_goes(
     monkeypatch.setenv('RANK', '1')
     with runtime.exclusive_output_dir(tmp_path / 'new' / 'run'):
         assert not (tmp_path / 'new').exists()
-    (tmp_path / 'a_file').write_text('not a folder')
-    with pytest.raises(SystemExit, match='--output_dir .* is not writable'):
-        with runtime.exclusive_output_dir(tmp_path / 'a_file' / 'run'):
+    with pytest.raises(SystemExit, match='--output_dir /proc/new/run is not writable'):
+        with runtime.exclusive_output_dir('/proc/new/run'):
             pass
 
 

@@ -369,10 +369,14 @@ def nan_at_calls(monkeypatch, calls_to_poison):
 
 def test_nan_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
     nan_at_calls(monkeypatch, {7})  # epoch 1, step 1
-    with pytest.raises(SystemExit, match=r'NaN or infinite in epoch 1 at step 1 .*lower --blr'):
+    with pytest.raises(SystemExit, match=r'NaN or infinite in epoch 1 at step 1 .*lower --blr.*the last good '
+                                         r'checkpoint is .*checkpoint-last.pth'):
         run_in_process(image_folder, tmp_path, '--epochs', '3')
     assert torch.load(tmp_path / 'checkpoint-last.pth', weights_only=True)['epoch'] == 1  # epoch 0's, intact
     assert len(logged(tmp_path)) == 1
+    nan_at_calls(monkeypatch, {2})  # the first step (call 1 counts FLOPs): there is no checkpoint to name
+    with pytest.raises(SystemExit, match=r'in epoch 0 at step 0 .*; no checkpoint had been written yet'):
+        run_in_process(image_folder, tmp_path / 'first', '--epochs', '3')
 
 
 def test_skip_nonfinite_skips_isolated_bad_steps(image_folder, tmp_path, monkeypatch):
@@ -406,7 +410,7 @@ def test_bad_input_from_the_command_line_has_no_traceback(image_folder, tmp_path
                             cwd=HERE, capture_output=True, text=True)
     assert result.returncode != 0 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
-    assert 'is not writable' in result.stderr
+    assert 'a_file is a file, not a folder' in result.stderr
 
 
 def test_unreadable_images_are_skipped_with_a_warning_and_each_counted_once(image_folder, tmp_path, capfd,

@@ -591,7 +591,7 @@ class EpochTally:
         limit = self.run.args.skip_nonfinite
         if self.skipped_steps > limit:
             runtime.fail(f'{self.skipped_steps} non-finite losses in epoch {self.epoch}, more than --skip_nonfinite '
-                         f'{limit}; the last good checkpoint is {self.run.out / "checkpoint-last.pth"}')
+                         f'{limit}; {runtime.last_good_checkpoint(self.run.out)}')
 
     def log_point(self, steps_done, lr):
         """The loss so far, lr, speed (and MFU on GPUs) on the bar, and the window since the last log point."""

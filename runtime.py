@@ -377,8 +377,8 @@ def end_when_stuck(wakeups):
             rank = f'rank {dist.get_rank()}' if dist.is_initialized() else 'the run'
             print(f'error: {rank} did not stop within {STOP_GRACE_SECONDS:.0f} s of {signal.Signals(received[0]).name}: '
                   f'it waits for another rank that ended on an error of its own (its line says which), or is gone '
-                  f'or frozen (a lost node?); ended without a save, the last checkpoint stands and the same command '
-                  f'continues from it', file=sys.__stderr__, flush=True)
+                  f'or frozen (a lost node?); ended without a save: the last checkpoint, if any, stands and the same '
+                  f'command continues from it', file=sys.__stderr__, flush=True)
             os._exit(1)
 
 
@@ -393,8 +393,8 @@ def lost_ranks_in_one_line():
             raise
         what = re.sub(r'^\[[^\]]*\]\s*', '', ' '.join(str(e).split())).split('. ')[0][:160]  # no source location
         fail(f'rank {dist.get_rank()} lost another rank ({what}): a rank ended on an error of its own (its line '
-             f'says which), or a process or node died or stopped answering; the last checkpoint stands: once the '
-             f'cause is fixed and every node is back, the same command continues from it')
+             f'says which), or a process or node died or stopped answering; the last checkpoint, if any, stands: '
+             f'once the cause is fixed and every node is back, the same command continues from it')
 
 
 @contextmanager
@@ -561,6 +561,14 @@ def make_folders(path, made):
             made.remove(folder)
 
 
+def is_still_at(file, path):
+    """Whether the open file is the one that path names now."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path, follow_symlinks=False))
+    except OSError:
+        return False
+
+
 def nearest_folder(path):
     """path, or the nearest folder above it that exists."""
     return next(folder for folder in (path, *path.parents) if folder.is_dir())
@@ -582,6 +590,8 @@ def held_lock(path, made_here):
             lock.seek(0)
             fail(f'--output_dir {path} is in use by another run ({lock.read().strip() or "unknown process"}): wait '
                  f'for it to end, or give another --output_dir')
+        if not is_still_at(lock, path / '.lock'):  # a run that made the folder removed it as this one opened .lock
+            fail(f'--output_dir {path} was given up by another run as this one started: start this one again')
         try:
             lock.truncate(0)
             lock.write(f'pid {os.getpid()} on {os.uname().nodename}')

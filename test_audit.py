@@ -3,6 +3,8 @@ side: writes only where the run owns them, dBOT's stages on resume, data folders
 by content, evaluation numbers that are exactly what they say, any undecodable image one skipped file, every stop
 signal saving the position, identity compared as meant, no flag accepted and ignored, damaged files named."""
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -164,6 +166,25 @@ def test_a_refused_run_leaves_no_folder_it_made_and_keeps_the_folders_it_found(p
     (tmp_path / 'dangling').symlink_to(tmp_path / 'gone')
     assert 'is a symbolic link to' in refused(pretrain, images, tmp_path / 'dangling' / 'run')
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ['dangling', 'empty', 'mine']
+
+
+def test_a_run_that_locks_a_folder_another_run_has_just_given_up_is_refused(tmp_path, monkeypatch):
+    """Run B opens OUT/.lock while run A holds it; A, refused, removes .lock and the folder it made; then B's lock
+    succeeds, on a file that is gone. B must not go on into a folder that no longer exists."""
+    out, real_flock, run_a = tmp_path / 'new', fcntl.flock, contextlib.ExitStack()
+    run_a.enter_context(runtime.exclusive_output_dir(out))
+    a_ended = []
+
+    def lock_after_a_gives_up(file, operation):
+        if operation & fcntl.LOCK_EX and not a_ended:  # B's attempt: A ends first, refused
+            a_ended.append(run_a.__exit__(SystemExit, SystemExit('error: refused'), None))
+        return real_flock(file, operation)
+
+    monkeypatch.setattr(fcntl, 'flock', lock_after_a_gives_up)
+    with pytest.raises(SystemExit, match='given up by another run as this one started: start this one again'):
+        with runtime.exclusive_output_dir(out):
+            pass
+    assert not out.exists()
 
 
 def test_only_rank_0_makes_the_output_folder_and_the_others_check_where_it_goes(tmp_path, monkeypatch):

@@ -252,10 +252,12 @@ def refuse_another_runs_folder(run, on_resume, own):
                  f'empty --output_dir to begin from {run.resume}')
 
 
-def begins_a_new_line(run):
-    """Whether the run begins from another folder's file: rows already in this folder's logs are then another run's
-    (one deleted, or killed before its first checkpoint), and the run's earlier rows are in that folder's logs."""
-    return not in_folder(run.resume, run.out)
+def restore_run_log(run, name, covered, last_row=None):
+    """The resumed run's log `name` made to say what its checkpoint covers (restore_log). A run begun from another
+    folder's file keeps none of the rows there: they are another run's (one deleted, or killed before its first
+    checkpoint), and its own earlier rows are in that folder's logs."""
+    new_line = not in_folder(run.resume, run.out)
+    restore_log(run.out / name, lambda row: not new_line and covered(row), last_row)
 
 
 def restore_training(run, model, optimizer):
@@ -275,8 +277,7 @@ def restore_training(run, model, optimizer):
     if run.is_main:
         print(f'resumed from {path} at epoch {run.start_epoch}, step {ckpt["step"]}')
         rewind_to(run)
-        new_line = begins_a_new_line(run)
-        restore_log(run.out / 'log.jsonl', lambda row: not new_line and row['epoch'] < run.start_epoch, run.last_row)
+        restore_run_log(run, 'log.jsonl', lambda row: row['epoch'] < run.start_epoch, run.last_row)
 
 
 def rewind_to(run):

@@ -453,9 +453,7 @@ def set_up(args):
         checkpoints.restore_training(run, run.raw_model, run.optimizer)
         run.stage, position = run.ckpt['stage'], (run.ckpt['epoch'], run.ckpt['step'])
         if run.is_main:
-            new_line = checkpoints.begins_a_new_line(run)
-            checkpoints.restore_log(run.out / 'steps.jsonl',
-                                    lambda row: not new_line and (row['epoch'], row['end_step']) <= position)
+            checkpoints.restore_run_log(run, 'steps.jsonl', lambda row: (row['epoch'], row['end_step']) <= position)
     elif run.is_main:  # a fresh start: what a run killed before its first checkpoint logged covers nothing
         for log in ('log.jsonl', 'steps.jsonl'):
             checkpoints.restore_log(run.out / log, lambda row: False)
